@@ -1,0 +1,84 @@
+"""The ``qcompile::`` custom ops.
+
+Every op is a ``torch.library.custom_op`` with a fake (meta) implementation, so it
+survives torch.export, ``.pt2`` save/load and torch.compile. The default
+implementation is the plain-PyTorch reference in ``qcompile.kernels.reference``; CUDA
+kernels register on top of it per device.
+
+Notation: x [..., K] activation, weight packed [N, ...], y [..., N] in x.dtype.
+"""
+
+import torch
+
+from qcompile.kernels import reference
+
+Tensor = torch.Tensor
+
+
+def _check_linear(
+    name: str, x: Tensor, weight: Tensor, weight_scale: Tensor, packed_k: int, n_scales: int
+) -> None:
+    torch._check(
+        weight.dim() == 2 and weight.shape[1] == packed_k,
+        lambda: (
+            f"qcompile.{name}: weight {tuple(weight.shape)} does not fit x [..., "
+            f"{x.shape[-1]}] (expected [N, {packed_k}])"
+        ),
+    )
+    torch._check(
+        weight_scale.shape[0] == weight.shape[0] and weight_scale.numel() == n_scales,
+        lambda: (
+            f"qcompile.{name}: weight_scale {tuple(weight_scale.shape)} does not fit "
+            f"weight {tuple(weight.shape)}"
+        ),
+    )
+
+
+def _empty_output(x: Tensor, weight: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("qcompile::linear_int8_wo", mutates_args=())
+def linear_int8_wo(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """y = x · (q · s)ᵀ + b; q int8 [N, K], s float32 [N]."""
+    return reference.linear_int8_wo(x, weight, weight_scale, bias)
+
+
+@linear_int8_wo.register_fake
+def _(x, weight, weight_scale, bias):
+    _check_linear("linear_int8_wo", x, weight, weight_scale, x.shape[-1], weight.shape[0])
+    return _empty_output(x, weight)
+
+
+@torch.library.custom_op("qcompile::linear_fp8_wo", mutates_args=())
+def linear_fp8_wo(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """y = x · (f · s)ᵀ + b; f float8_e4m3fn [N, K], s float32 [N]."""
+    return reference.linear_fp8_wo(x, weight, weight_scale, bias)
+
+
+@linear_fp8_wo.register_fake
+def _(x, weight, weight_scale, bias):
+    _check_linear("linear_fp8_wo", x, weight, weight_scale, x.shape[-1], weight.shape[0])
+    return _empty_output(x, weight)
+
+
+@torch.library.custom_op("qcompile::linear_int4_wo", mutates_args=())
+def linear_int4_wo(
+    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, group_size: int
+) -> Tensor:
+    """y = x · (q · s)ᵀ + b; q int4 packed uint8 [N, Kp/2], s float32 [N, Kp/G]."""
+    return reference.linear_int4_wo(x, weight, weight_scale, bias, group_size)
+
+
+@linear_int4_wo.register_fake
+def _(x, weight, weight_scale, bias, group_size):
+    groups = -(-x.shape[-1] // group_size)
+    _check_linear(
+        "linear_int4_wo",
+        x,
+        weight,
+        weight_scale,
+        groups * group_size // 2,
+        weight.shape[0] * groups,
+    )
+    return _empty_output(x, weight)

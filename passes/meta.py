@@ -1,0 +1,6 @@
+"""Node-metadata keys the passes read and write (never string literals elsewhere)."""
+
+# LayerScheme chosen for an aten.linear node by annotate_linears.
+SCHEME = "qcompile_scheme"
+# Module FQN of the linear whose weight an aten.linear node reads.
+LINEAR_FQN = "qcompile_linear_fqn"

@@ -1,0 +1,46 @@
+"""Quantize and pack the weight of every annotated linear.
+
+Why: packing is the expensive, format-specific step; doing it once per linear FQN
+(shared weights are packed once) and handing the result to `lower_linears` keeps the
+graph surgery format-agnostic.
+Pre: `annotate_linears` has run. Post: the program is unchanged; the returned table
+maps each linear FQN to its packed tensors (e.g. `weight`, `weight_scale`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.export import ExportedProgram
+from tqdm.auto import tqdm
+
+from qcompile.errors import WeightError
+from qcompile.passes.meta import LINEAR_FQN, SCHEME
+from qcompile.program import state_tensor
+from qcompile.schemes import QuantizedWeight, weight_format_impl
+
+logger = logging.getLogger(__name__)
+
+
+def quantize_weights(program: ExportedProgram) -> dict[str, QuantizedWeight]:
+    """Pack every annotated linear's weight; return {linear FQN: packed tensors}."""
+    todo = {}
+    for node in program.graph.nodes:
+        if SCHEME in node.meta:
+            todo.setdefault(node.meta[LINEAR_FQN], (node.meta[SCHEME], node.args[1]))
+    packed: dict[str, QuantizedWeight] = {}
+    for fqn, (scheme, weight_node) in tqdm(
+        todo.items(), desc="qcompile: packing weights", unit="layer", disable=None
+    ):
+        weight = state_tensor(program, weight_node)
+        if weight.is_meta:
+            raise WeightError(f"{fqn}.weight is on the meta device; load real weights first")
+        if not torch.isfinite(weight).all():
+            raise WeightError(
+                f"{fqn}.weight contains NaN or Inf; fix the checkpoint or exclude the layer"
+            )
+        with torch.no_grad():
+            packed[fqn] = weight_format_impl(scheme.weight).quantize(weight, scheme.weight)
+    logger.info("quantize_weights: packed %d linears", len(packed))
+    return packed

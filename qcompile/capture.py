@@ -1,0 +1,172 @@
+"""Capture a diffusers model's forward as an ExportedProgram.
+
+Non-strict torch.export with dynamic batch/token/spatial dims and `return_dict=False`
+fixed; the default export IR is kept (no decompositions: they would destroy
+`aten.linear` and SDPA). The capture also records what the graph runtime needs to
+route a later call: the forward's signature, which arguments were exported, and the
+output type a `return_dict=True` call must be wrapped in.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sympy
+import torch
+from torch import nn
+from torch.export import Dim, ExportedProgram
+from torch.utils import _pytree as pytree
+
+from qcompile.errors import CaptureError
+
+logger = logging.getLogger(__name__)
+
+RETURN_DICT = "return_dict"
+
+
+@dataclass
+class Capture:
+    program: ExportedProgram
+    signature: inspect.Signature
+    input_names: tuple[str, ...]  # forward parameters passed to export, in order
+    output_type: type | None  # what a return_dict=True call returns, if anything
+    output_fields: tuple[str, ...]
+    seconds: float
+
+
+def capture(
+    module: nn.Module,
+    example_inputs: dict[str, Any],
+    dynamic_shapes: dict[str, Any] | None = None,
+) -> Capture:
+    """Export `module` on `example_inputs` (a kwargs dict for its forward).
+
+    Without `dynamic_shapes`, dynamism is discovered: a first export marks every dim
+    `Dim.AUTO`; the dims it leaves symbolic are re-exported as explicit `Dim(min=1)`
+    so that size-1 calls (batch 1) stay on the graph.
+    """
+    signature = inspect.signature(module.forward)
+    _check_inputs(module, signature, example_inputs)
+    kwargs = dict(example_inputs)
+    has_return_dict = RETURN_DICT in signature.parameters
+    if has_return_dict:
+        kwargs[RETURN_DICT] = False
+    start = time.perf_counter()
+    with torch.no_grad():
+        if dynamic_shapes is None:
+            program = _export_discovering_dims(module, kwargs)
+        else:
+            specs = dict(dynamic_shapes)
+            if has_return_dict:
+                specs[RETURN_DICT] = None
+            program = _export(module, kwargs, specs)
+        output_type, output_fields = _output_type(module, example_inputs, has_return_dict)
+    seconds = time.perf_counter() - start
+    logger.info("captured %s in %.1f s", type(module).__name__, seconds)
+    return Capture(
+        program=program,
+        signature=signature,
+        input_names=tuple(kwargs),
+        output_type=output_type,
+        output_fields=output_fields,
+        seconds=seconds,
+    )
+
+
+def _check_inputs(module: nn.Module, signature: inspect.Signature, inputs: Any) -> None:
+    if not isinstance(inputs, dict) or not inputs:
+        raise CaptureError(
+            f"example_inputs for {type(module).__name__} must be a non-empty dict of the "
+            f"forward's keyword arguments, got {type(inputs).__name__}"
+        )
+    params = signature.parameters
+    takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = [name for name in inputs if name not in params and not takes_var_kw]
+    if unknown:
+        raise CaptureError(
+            f"example_inputs names {unknown} that {type(module).__name__}.forward does not "
+            f"take; its parameters are {list(params)}"
+        )
+
+
+def _export(module: nn.Module, kwargs: dict[str, Any], dynamic_shapes: Any) -> ExportedProgram:
+    try:
+        return torch.export.export(module, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:
+        raise CaptureError(
+            f"torch.export could not capture {type(module).__name__}: {exc}\n"
+            "Check that example_inputs match a real call of the model (batch and token "
+            "counts of at least 2 for dims that should stay dynamic)."
+        ) from exc
+
+
+def _export_discovering_dims(module: nn.Module, kwargs: dict[str, Any]) -> ExportedProgram:
+    leaves, spec = pytree.tree_flatten(kwargs)
+    auto = [
+        {i: Dim.AUTO for i in range(leaf.dim())} if isinstance(leaf, torch.Tensor) else None
+        for leaf in leaves
+    ]
+    program = _export(module, kwargs, pytree.tree_unflatten(auto, spec))
+    placeholders = _user_input_values(program)
+    bounds = program.range_constraints
+    dims: dict[Any, Dim] = {}
+    explicit = []
+    for value in placeholders:
+        if not isinstance(value, torch.Tensor):
+            explicit.append(None)
+            continue
+        per_dim = {}
+        for i, size in enumerate(value.shape):
+            if not isinstance(size, torch.SymInt):
+                continue
+            expr = size.node.expr
+            if expr.is_Symbol and expr in bounds:
+                if expr not in dims:
+                    upper = finite_int(bounds[expr].upper)
+                    kw = {} if upper is None else {"max": upper}
+                    dims[expr] = Dim(f"dim{len(dims)}", min=1, **kw)
+                per_dim[i] = dims[expr]
+            else:
+                per_dim[i] = Dim.AUTO
+        explicit.append(per_dim or None)
+    if not dims:
+        return program
+    try:
+        return _export(module, kwargs, pytree.tree_unflatten(explicit, spec))
+    except CaptureError as exc:
+        logger.warning(
+            "dynamic dims could not be widened to size 1 (%s); calls with a size-1 dim "
+            "will run the eager fallback",
+            str(exc).splitlines()[0],
+        )
+        return program
+
+
+def finite_int(value: Any) -> int | None:
+    """A range bound as an int; None for ±infinity (sympy oo or torch's int_oo)."""
+    return int(value) if isinstance(value, (int, sympy.Integer)) else None
+
+
+def _user_input_values(program: ExportedProgram) -> list[Any]:
+    user_inputs = set(program.graph_signature.user_inputs)
+    return [
+        node.meta.get("val")
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in user_inputs
+    ]
+
+
+def _output_type(
+    module: nn.Module, example_inputs: dict[str, Any], has_return_dict: bool
+) -> tuple[type | None, tuple[str, ...]]:
+    """The output class of a return_dict=True call (e.g. Transformer2DModelOutput)."""
+    if not has_return_dict:
+        return None, ()
+    out = module(**example_inputs, return_dict=True)
+    if isinstance(out, dict):  # diffusers BaseOutput is an OrderedDict dataclass
+        return type(out), tuple(k for k, v in out.items() if v is not None)
+    return None, ()

@@ -1,0 +1,81 @@
+"""`QuantizedLinear`: the eager module that owns a quantized linear's tensors.
+
+The same tensor objects are read by the lowered program (by FQN) and by this module's
+forward (the eager fallback), so a quantized model holds each packed weight once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qcompile.recipes import LayerScheme
+from qcompile.schemes import BIAS, WEIGHT, WEIGHT_SCALE, QuantizedWeight, weight_format_impl
+
+
+class QuantizedLinear(nn.Module):
+    """A linear whose weight is packed; forward calls the scheme's ``qcompile::`` op.
+
+    Packed weights and scales are buffers that keep their dtype under ``module.to(dtype)``
+    (only their device follows); the bias stays a float parameter and follows the
+    model's dtype like any other.
+    """
+
+    _QUANTIZED_BUFFERS = (WEIGHT, WEIGHT_SCALE)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: LayerScheme,
+        tensors: QuantizedWeight,
+        bias: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.scheme = scheme
+        for name in self._QUANTIZED_BUFFERS:
+            self.register_buffer(name, tensors[name])
+        if bias is None:
+            self.register_parameter(BIAS, None)
+        else:
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+            self.bias.requires_grad_(False)
+
+    @property
+    def quantized_tensors(self) -> QuantizedWeight:
+        return {name: getattr(self, name) for name in self._QUANTIZED_BUFFERS}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        impl = weight_format_impl(self.scheme.weight)
+        return impl.linear(x, self.quantized_tensors, self.bias, self.scheme.weight)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight [N, K] this layer computes with."""
+        impl = weight_format_impl(self.scheme.weight)
+        return impl.dequantize(self.quantized_tensors, self.scheme.weight, self.in_features)
+
+    def _apply(self, fn, recurse=True):
+        packed = {name: self._buffers[name] for name in self._QUANTIZED_BUFFERS}
+        for name in packed:
+            self._buffers[name] = None  # nn.Module._apply skips None buffers
+        try:
+            super()._apply(fn, recurse)
+        except BaseException:
+            self._buffers.update(packed)
+            raise
+        for name, tensor in packed.items():
+            moved = fn(tensor)
+            if moved.dtype != tensor.dtype:  # a dtype cast: move, never convert
+                moved = tensor.to(device=moved.device)
+            self._buffers[name] = moved
+        return self
+
+    def extra_repr(self) -> str:
+        w = self.scheme.weight
+        group = f", group_size={w.group_size}" if w.group_size else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"weight={w.format.value}{group}, bias={self.bias is not None}"
+        )

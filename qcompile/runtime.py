@@ -1,0 +1,240 @@
+"""The graph runtime: runs the lowered program in place of a model's forward.
+
+Decision (DESIGN.md "open"): the program is kept weightless; on every call its
+parameters and buffers are read by FQN from the live module, so the graph and the
+eager fallback share one copy of every tensor and follow `module.to(device)`. A call
+runs the graph when it matches the capture: same forward arguments (others at their
+defaults), same pytree structure, tensor dtypes and ranks, static dims equal, dynamic
+dims inside their ranges and consistent, and torch.export's own guards pass
+(divisibility, ...). Anything else runs the module's own forward, whose quantized
+linears call the same ops. `last_path` / `last_reason` / `calls` record the choice.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from typing import Any
+
+import sympy
+import torch
+from torch import nn
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
+
+from qcompile.capture import RETURN_DICT, Capture, finite_int
+
+logger = logging.getLogger(__name__)
+
+GRAPH, EAGER = "graph", "eager"
+
+
+class _Tensor:
+    """What a tensor input must look like: dtype and, per dim, int | Symbol | Expr."""
+
+    def __init__(self, fake: torch.Tensor) -> None:
+        self.dtype = fake.dtype
+        self.dims = [d.node.expr if isinstance(d, torch.SymInt) else int(d) for d in fake.shape]
+
+
+class _Const:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class GraphRuntime:
+    """Callable installed as `module.forward`; see the module docstring."""
+
+    def __init__(self, module: nn.Module, captured: Capture) -> None:
+        program = captured.program
+        self.module = module
+        self.program = program
+        self.signature = captured.signature
+        self.input_names = captured.input_names
+        self.output_type = captured.output_type
+        self.output_fields = captured.output_fields
+        self.graph_enabled = True
+        self.calls: Counter[str] = Counter()
+        self.last_path: str | None = None
+        self.last_reason = ""
+        sig = program.graph_signature
+        bad = [s.kind for s in sig.output_specs if s.kind is not OutputKind.USER_OUTPUT]
+        if bad:
+            raise NotImplementedError(f"programs that mutate state are not supported: {bad}")
+        self._state = [
+            self._resolver(spec)
+            for spec in sig.input_specs
+            if spec.kind is not InputKind.USER_INPUT
+        ]
+        nodes = [n for n in program.graph.nodes if n.op == "placeholder"]
+        self._leaves = [
+            _Tensor(n.meta["val"])
+            if isinstance(n.meta.get("val"), torch.Tensor)
+            else _Const(n.meta.get("val"))
+            for n, spec in zip(nodes, sig.input_specs, strict=True)
+            if spec.kind is InputKind.USER_INPUT
+        ]
+        self._ranges = {
+            sym: (finite_int(vr.lower) or 0, finite_int(vr.upper))
+            for sym, vr in program.range_constraints.items()
+        }
+        self._guards = getattr(program.module(), "_guards_fn", None)
+        self._device = _program_device(program)
+        self._graph_modules = {self._device: program.graph_module}
+        self._constants: dict[torch.device, dict[str, torch.Tensor]] = {}
+        # Weightless from here on: the live module owns every parameter and buffer.
+        for name, tensor in program.state_dict.items():
+            program.state_dict[name] = torch.empty_like(tensor, device="meta")
+
+    # ----------------------------------------------------------------- calling
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        routed = self._route(args, kwargs) if self.graph_enabled else "graph disabled"
+        if isinstance(routed, str):
+            self._record(EAGER, routed)
+            return type(self.module).forward(self.module, *args, **kwargs)
+        flat, device, return_dict = routed
+        self._record(GRAPH, "")
+        outputs = self._graph_module(device)(*self._state_tensors(device), *flat)
+        result = pytree.tree_unflatten(list(outputs), self.program.call_spec.out_spec)
+        if return_dict and self.output_type is not None:
+            return self.output_type(**dict(zip(self.output_fields, result, strict=True)))
+        return result
+
+    def eager(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's own forward (quantized linears), whatever the call."""
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def _record(self, path: str, reason: str) -> None:
+        self.calls[path] += 1
+        self.last_path, self.last_reason = path, reason
+        if reason:
+            logger.debug("%s: eager fallback (%s)", type(self.module).__name__, reason)
+
+    # ----------------------------------------------------------------- routing
+    def _route(self, args: tuple, kwargs: dict) -> str | tuple[list, torch.device, bool]:
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            return f"arguments do not bind: {exc}"
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        return_dict = bool(values.pop(RETURN_DICT, True))
+        for name, param in self.signature.parameters.items():
+            if name in self.input_names or name == RETURN_DICT:
+                continue
+            value = values.get(name, param.default)
+            if param.kind is param.VAR_KEYWORD or param.kind is param.VAR_POSITIONAL:
+                if value:
+                    return f"extra arguments {name}={value!r}"
+            elif not _same_constant(value, param.default):
+                return f"argument {name!r} was not captured"
+        inputs = {n: (False if n == RETURN_DICT else values.get(n)) for n in self.input_names}
+        flat, spec = pytree.tree_flatten(((), inputs))
+        if spec != self.program.call_spec.in_spec:
+            return "argument structure differs from the capture"
+        reason = self._match_leaves(flat)
+        if reason:
+            return reason
+        if self._guards is not None:
+            try:
+                self._guards(*flat)
+            except AssertionError as exc:
+                return f"export guard failed: {exc}"
+        tensors = [leaf for leaf in flat if isinstance(leaf, torch.Tensor)]
+        devices = {t.device for t in tensors}
+        if len(devices) != 1:
+            return f"inputs on several devices {sorted(map(str, devices))}"
+        return flat, devices.pop(), return_dict
+
+    def _match_leaves(self, flat: list) -> str:
+        bindings: dict[sympy.Symbol, int] = {}
+        derived = []
+        for index, (leaf, want) in enumerate(zip(flat, self._leaves, strict=True)):
+            if isinstance(want, _Const):
+                if isinstance(leaf, torch.Tensor) or not _same_constant(leaf, want.value):
+                    return f"input {index} is {leaf!r}, captured as constant {want.value!r}"
+                continue
+            if not isinstance(leaf, torch.Tensor):
+                return f"input {index} is {type(leaf).__name__}, captured as a tensor"
+            if leaf.dtype != want.dtype or leaf.dim() != len(want.dims):
+                return (
+                    f"input {index} is {leaf.dtype} rank {leaf.dim()}, captured as "
+                    f"{want.dtype} rank {len(want.dims)}"
+                )
+            for size, dim in zip(leaf.shape, want.dims, strict=True):
+                if isinstance(dim, int):
+                    if size != dim:
+                        return f"input {index} has shape {tuple(leaf.shape)}; a dim is static"
+                elif dim.is_Symbol:
+                    if bindings.setdefault(dim, size) != size:
+                        return f"input {index}: dim {dim} is {size} and {bindings[dim]}"
+                else:
+                    derived.append((index, dim, size))
+        for sym, size in bindings.items():
+            low, high = self._ranges.get(sym, (0, None))
+            if size < low or (high is not None and size > high):
+                return f"dim {sym}={size} is outside its captured range [{low}, {high}]"
+        for index, expr, size in derived:
+            if expr.free_symbols - bindings.keys() or int(expr.xreplace(bindings)) != size:
+                return f"input {index}: dim {expr} does not hold for size {size}"
+        return ""
+
+    # ----------------------------------------------------------------- state
+    def _resolver(self, spec):
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            owner_name, _, attr = spec.target.rpartition(".")
+            owner = self.module.get_submodule(owner_name)
+            return lambda device: getattr(owner, attr)
+        if spec.kind is InputKind.CONSTANT_TENSOR:
+            return lambda device: self._constant(spec.target, device)
+        raise NotImplementedError(f"unsupported program input kind {spec.kind}")
+
+    def _state_tensors(self, device: torch.device) -> list[torch.Tensor]:
+        return [resolve(device) for resolve in self._state]
+
+    def _constant(self, name: str, device: torch.device) -> torch.Tensor:
+        per_device = self._constants.setdefault(device, {})
+        if name not in per_device:
+            per_device[name] = self.program.constants[name].to(device)
+        return per_device[name]
+
+    def _graph_module(self, device: torch.device) -> torch.fx.GraphModule:
+        if device not in self._graph_modules:
+            self._graph_modules[device] = _retarget(self.program.graph_module, self._device, device)
+        return self._graph_modules[device]
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:
+        return False
+
+
+def _program_device(program) -> torch.device:
+    for tensor in program.state_dict.values():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _retarget(gm: torch.fx.GraphModule, old: torch.device, new: torch.device):
+    """A copy of `gm` whose device literals (arange/zeros/_to_copy/asserts) say `new`."""
+    gm = copy.deepcopy(gm)
+    for node in gm.graph.nodes:
+        device = node.kwargs.get("device") if node.op == "call_function" else None
+        if isinstance(device, torch.device) and device.type == old.type:
+            node.update_kwarg("device", new)
+    gm.recompile()
+    logger.info("graph retargeted from %s to %s", old, new)
+    return gm
+
+
+def runtime_of(module: nn.Module) -> GraphRuntime | None:
+    """The GraphRuntime installed on a quantized module, or None."""
+    forward = module.__dict__.get("forward")
+    return forward if isinstance(forward, GraphRuntime) else None
