@@ -19,6 +19,7 @@ import sympy
 import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
+from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 from qcompile.errors import CaptureError
@@ -111,39 +112,47 @@ def _export_discovering_dims(module: nn.Module, kwargs: dict[str, Any]) -> Expor
         for leaf in leaves
     ]
     program = _export(module, kwargs, pytree.tree_unflatten(auto, spec))
-    placeholders = _user_input_values(program)
-    bounds = program.range_constraints
-    dims: dict[Any, Dim] = {}
-    explicit = []
-    for value in placeholders:
-        if not isinstance(value, torch.Tensor):
-            explicit.append(None)
+    values = _user_input_values(program)
+    symbols = [
+        {
+            i: size.node.expr
+            for i, size in enumerate(value.shape)
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol
+        }
+        if isinstance(value, torch.Tensor)
+        else {}
+        for value in values
+    ]
+    every = {sym for dims in symbols for sym in dims.values()}
+    batch_like = {dims[0] for dims in symbols if 0 in dims}
+    # Widen every dynamic dim to size 1; if the model constrains some (spatial dims
+    # often do), widen only the leading (batch-like) ones; else keep the AUTO program.
+    for widen in (every, batch_like):
+        if not widen:
             continue
-        per_dim = {}
-        for i, size in enumerate(value.shape):
-            if not isinstance(size, torch.SymInt):
-                continue
-            expr = size.node.expr
-            if expr.is_Symbol and expr in bounds:
-                if expr not in dims:
-                    upper = finite_int(bounds[expr].upper)
-                    kw = {} if upper is None else {"max": upper}
-                    dims[expr] = Dim(f"dim{len(dims)}", min=1, **kw)
-                per_dim[i] = dims[expr]
-            else:
-                per_dim[i] = Dim.AUTO
-        explicit.append(per_dim or None)
-    if not dims:
-        return program
-    try:
-        return _export(module, kwargs, pytree.tree_unflatten(explicit, spec))
-    except CaptureError as exc:
-        logger.warning(
-            "dynamic dims could not be widened to size 1 (%s); calls with a size-1 dim "
-            "will run the eager fallback",
-            str(exc).splitlines()[0],
-        )
-        return program
+        dims = _explicit_dims(widen, program.range_constraints)
+        specs = [
+            {i: dims.get(sym, Dim.AUTO) for i, sym in per_leaf.items()} or None
+            for per_leaf in symbols
+        ]
+        try:
+            return _export(module, kwargs, pytree.tree_unflatten(specs, spec))
+        except CaptureError as exc:
+            logger.info("could not widen %d dims to size 1: %s", len(widen), exc)
+    logger.warning(
+        "%s: dynamic dims could not be widened to size 1; calls with a size-1 dim will "
+        "run the eager fallback",
+        type(module).__name__,
+    )
+    return program
+
+
+def _explicit_dims(symbols: set, bounds: dict) -> dict[Any, Dim]:
+    dims = {}
+    for index, sym in enumerate(sorted(symbols, key=str)):
+        upper = finite_int(bounds[sym].upper) if sym in bounds else None
+        dims[sym] = Dim(f"dim{index}", min=1, **({} if upper is None else {"max": upper}))
+    return dims
 
 
 def finite_int(value: Any) -> int | None:
@@ -152,11 +161,12 @@ def finite_int(value: Any) -> int | None:
 
 
 def _user_input_values(program: ExportedProgram) -> list[Any]:
-    user_inputs = set(program.graph_signature.user_inputs)
+    """meta["val"] of each user-input placeholder (constants included), in input order."""
+    nodes = [n for n in program.graph.nodes if n.op == "placeholder"]
     return [
         node.meta.get("val")
-        for node in program.graph.nodes
-        if node.op == "placeholder" and node.name in user_inputs
+        for node, spec in zip(nodes, program.graph_signature.input_specs, strict=True)
+        if spec.kind is InputKind.USER_INPUT
     ]
 
 
