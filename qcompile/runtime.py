@@ -6,8 +6,10 @@ eager fallback share one copy of every tensor and follow `module.to(device)`. A 
 runs the graph when it matches the capture: same forward arguments (others at their
 defaults), same pytree structure, tensor dtypes and ranks, static dims equal, dynamic
 dims inside their ranges and consistent, and torch.export's own guards pass
-(divisibility, ...). Anything else runs the module's own forward, whose quantized
-linears call the same ops. `last_path` / `last_reason` / `calls` record the choice.
+(divisibility, ...). An uncaptured argument must be at its default; an empty
+kwargs-dict where the default is None counts as the default. Anything else runs the
+module's own forward, whose quantized linears call the same ops. `last_path`,
+`last_reason` and `calls` record the choice.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ class GraphRuntime:
             if param.kind is param.VAR_KEYWORD or param.kind is param.VAR_POSITIONAL:
                 if value:
                     return f"extra arguments {name}={value!r}"
-            elif not _same_constant(value, param.default):
+            elif not _is_unset(value, param.default):
                 return f"argument {name!r} was not captured"
         inputs = {n: (False if n == RETURN_DICT else values.get(n)) for n in self.input_names}
         flat, spec = pytree.tree_flatten(((), inputs))
@@ -203,6 +205,15 @@ class GraphRuntime:
         if device not in self._graph_modules:
             self._graph_modules[device] = _retarget(self.program.graph_module, self._device, device)
         return self._graph_modules[device]
+
+
+def _is_unset(value: Any, default: Any) -> bool:
+    """An uncaptured argument left at its default. Pipelines pass `{}` for kwargs-dicts
+    such as `joint_attention_kwargs` whose default is None; diffusers forwards treat the
+    two alike, so an empty container counts as unset too."""
+    if default is None and isinstance(value, (dict, list, tuple)) and not value:
+        return True
+    return _same_constant(value, default)
 
 
 def _same_constant(a: Any, b: Any) -> bool:

@@ -1,0 +1,160 @@
+"""The graph runtime: which path each call takes, and that both give the same output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qcompile
+from qcompile import runtime_of
+from qcompile.tiny import tiny_flux, tiny_flux_pipeline, tiny_unet
+
+from .models import flux_eval_inputs, unet_eval_inputs
+
+# Tiny FluxPipeline, 2 steps, 32×32: image from the int8-wo transformer vs the float
+# one. Measured 68.05 dB (float32) and 43.68 dB (bfloat16) on torch 2.13 CPU; floors
+# 0.5 dB below.
+PIPELINE_IMAGE_SQNR_DB = {torch.float32: 67.5, torch.bfloat16: 43.1}
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return qcompile.quantize(tiny_flux(), "int8-wo")
+
+
+def _call(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def _assert_path(model, path):
+    runtime = runtime_of(model)
+    assert runtime.last_path == path, runtime.last_reason
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        dict(batch=1, rows=6, cols=6, text=11),  # FluxPipeline's batch 1, other resolution
+        dict(batch=3, rows=3, cols=7, text=2),
+        dict(batch=2, rows=4, cols=5, text=7),  # the capture's own sizes
+    ],
+)
+def test_matching_calls_run_the_graph_and_equal_eager(flux, sizes):
+    inputs = flux_eval_inputs(flux, **sizes)
+    out = _call(flux, **inputs)
+    _assert_path(flux, "graph")
+    with torch.no_grad():
+        eager = runtime_of(flux).eager(**inputs, return_dict=False)[0]
+    assert torch.equal(out, eager)
+
+
+def test_uncaptured_argument_falls_back_to_eager(flux):
+    inputs = flux_eval_inputs(flux)
+    graph_out = _call(flux, **inputs)
+    out = _call(flux, **inputs, joint_attention_kwargs={"scale": 1.0})
+    _assert_path(flux, "eager")
+    assert "joint_attention_kwargs" in runtime_of(flux).last_reason
+    assert torch.equal(out, graph_out)
+
+
+def test_empty_kwargs_dict_counts_as_unset(flux):
+    inputs = flux_eval_inputs(flux)
+    out = _call(flux, **inputs, joint_attention_kwargs={})  # what FluxPipeline passes
+    _assert_path(flux, "graph")
+    with torch.no_grad():
+        eager = runtime_of(flux).eager(**inputs, return_dict=False, joint_attention_kwargs={})[0]
+    assert torch.equal(out, eager)
+
+
+def test_other_dtype_falls_back_to_eager(flux):
+    inputs = flux_eval_inputs(flux)
+    graph_out = _call(flux, **inputs)
+    inputs["timestep"] = inputs["timestep"].double()
+    out = _call(flux, **inputs)
+    _assert_path(flux, "eager")
+    assert "torch.float64" in runtime_of(flux).last_reason
+    torch.testing.assert_close(out, graph_out)
+
+
+def test_return_dict_true_wraps_the_graph_output(flux):
+    inputs = flux_eval_inputs(flux)
+    with torch.no_grad():
+        out = flux(**inputs)
+    _assert_path(flux, "graph")
+    assert type(out).__name__ == "Transformer2DModelOutput"
+    assert torch.equal(out.sample, _call(flux, **inputs))
+
+
+def test_disabled_graph_runs_eager(flux):
+    runtime = runtime_of(flux)
+    inputs = flux_eval_inputs(flux)
+    runtime.graph_enabled = False
+    try:
+        out = _call(flux, **inputs)
+        _assert_path(flux, "eager")
+    finally:
+        runtime.graph_enabled = True
+    assert torch.equal(out, _call(flux, **inputs))
+
+
+def test_unet_out_of_range_and_guarded_calls_fall_back():
+    unet = qcompile.quantize(tiny_unet(), "int8-wo")
+    _call(unet, **unet_eval_inputs(unet, batch=1))
+    _assert_path(unet, "graph")
+    # UNet2DConditionModel branches on batch >= 64: captured range is [1, 63].
+    big = _call(unet, **unet_eval_inputs(unet, batch=64, height=8, width=8))
+    _assert_path(unet, "eager")
+    assert "outside its captured range [1, 63]" in runtime_of(unet).last_reason
+    assert big.shape == (64, 4, 8, 8)
+    # An odd height fails torch.export's divisibility guard; eager upsamples to size.
+    odd = _call(unet, **unet_eval_inputs(unet, height=17, width=20))
+    _assert_path(unet, "eager")
+    assert "guard failed" in runtime_of(unet).last_reason
+    assert odd.shape == (1, 4, 17, 20)
+
+
+def test_dtype_cast_keeps_packed_tensors_and_follows_device():
+    model = qcompile.quantize(tiny_flux(), "fp8-wo")
+    layer = model.get_submodule("transformer_blocks.0.attn.to_q")
+    model.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    assert layer.weight_scale.dtype == torch.float32
+    assert layer.bias.dtype == torch.bfloat16 and model.dtype == torch.bfloat16
+    out = _call(model, **flux_eval_inputs(model, dtype=torch.bfloat16))
+    _assert_path(model, "eager")  # captured in float32
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_device_move_retargets_the_graph():
+    model = qcompile.quantize(tiny_flux(), "int8-wo")
+    model.to("meta")  # a device move with no data: the graph must follow it
+    inputs = {
+        k: v.to("meta") if isinstance(v, torch.Tensor) else v
+        for k, v in flux_eval_inputs(model).items()
+    }
+    out = _call(model, **inputs)
+    _assert_path(model, "graph")
+    assert out.device.type == "meta" and out.shape == (1, 36, 16)
+    assert model.get_submodule("transformer_blocks.0.attn.to_q").weight.dtype == torch.int8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flux_pipeline_calls_take_the_graph(dtype):
+    pipe = tiny_flux_pipeline(dtype=dtype)
+    kwargs = dict(
+        prompt="a photo of a cat",
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    )
+    reference = pipe(**kwargs).images
+    qcompile.quantize(pipe.transformer, "int8-wo")
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    images = pipe(**kwargs).images
+    runtime = runtime_of(pipe.transformer)
+    assert runtime.calls == {"graph": 2}, runtime.last_reason
+    assert pipe.transformer.dtype == dtype
+    assert qcompile.sqnr(reference.float(), images.float()) > PIPELINE_IMAGE_SQNR_DB[dtype]
