@@ -33,49 +33,49 @@ TINY_VOCAB = [
 ]
 
 
+def _as(model, dtype: torch.dtype):
+    """Eval mode, cast only when asked (diffusers warns on every `.to(dtype)`)."""
+    model.eval()
+    return model if dtype is torch.float32 else model.to(dtype)
+
+
 def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    return (
-        FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=4,
-            joint_attention_dim=48,
-            pooled_projection_dim=32,
-            axes_dims_rope=(4, 4, 8),
-            guidance_embeds=True,
-        )
-        .to(dtype)
-        .eval()
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=48,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+        guidance_embeds=True,
     )
+    return _as(model, dtype)
 
 
 def tiny_sd3(seed: int = 0, dtype: torch.dtype = torch.float32):
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
-    return (
-        SD3Transformer2DModel(
-            sample_size=32,
-            patch_size=2,
-            in_channels=4,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=4,
-            caption_projection_dim=64,
-            joint_attention_dim=48,
-            pooled_projection_dim=32,
-            out_channels=4,
-            pos_embed_max_size=64,
-        )
-        .to(dtype)
-        .eval()
+    model = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        caption_projection_dim=64,
+        joint_attention_dim=48,
+        pooled_projection_dim=32,
+        out_channels=4,
+        pos_embed_max_size=64,
     )
+    return _as(model, dtype)
 
 
 def tiny_unet(seed: int = 0, dtype: torch.dtype = torch.float32, sdxl: bool = True):
@@ -90,25 +90,22 @@ def tiny_unet(seed: int = 0, dtype: torch.dtype = torch.float32, sdxl: bool = Tr
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=32 + 6 * 8,
         )
-    return (
-        UNet2DConditionModel(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=48,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            transformer_layers_per_block=(1, 2),
-            norm_num_groups=8,
-            **extra,
-        )
-        .to(dtype)
-        .eval()
+    model = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=48,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        norm_num_groups=8,
+        **extra,
     )
+    return _as(model, dtype)
 
 
 def _word_tokenizer(max_length: int):
@@ -183,4 +180,51 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         tokenizer_2=_word_tokenizer(32),
         transformer=tiny_flux(seed),
     )
-    return pipe.to(dtype)
+    return pipe if dtype is torch.float32 else pipe.to(dtype)
+
+
+# Held-out inputs: batch 1 and other sizes than the capture's examples.
+def _g(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+
+def flux_eval_inputs(model, batch=1, rows=6, cols=6, text=11, dtype=torch.float32):
+    cfg = model.config
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1)
+    ids = torch.cat([torch.zeros(rows * cols, 1), grid.reshape(-1, 2)], 1)
+    return {
+        "hidden_states": _g(batch, rows * cols, cfg.in_channels).to(dtype),
+        "encoder_hidden_states": _g(batch, text, cfg.joint_attention_dim).to(dtype),
+        "pooled_projections": _g(batch, cfg.pooled_projection_dim).to(dtype),
+        "timestep": torch.full((batch,), 0.7, dtype=dtype),
+        "img_ids": ids.to(dtype),
+        "txt_ids": torch.zeros(text, 3, dtype=dtype),
+        "guidance": torch.full((batch,), 3.5),
+    }
+
+
+def sd3_eval_inputs(model, batch=1, height=20, width=16, text=11):
+    cfg = model.config
+    return {
+        "hidden_states": _g(batch, cfg.in_channels, height, width),
+        "encoder_hidden_states": _g(batch, text, cfg.joint_attention_dim),
+        "pooled_projections": _g(batch, cfg.pooled_projection_dim),
+        "timestep": torch.full((batch,), 700.0),
+    }
+
+
+def unet_eval_inputs(model, batch=1, height=24, width=20, text=11):
+    cfg = model.config
+    return {
+        "sample": _g(batch, cfg.in_channels, height, width),
+        "timestep": torch.tensor(700.0),
+        "encoder_hidden_states": _g(batch, text, cfg.cross_attention_dim),
+        "added_cond_kwargs": {"text_embeds": _g(batch, 32), "time_ids": _g(batch, 6)},
+    }
+
+
+HELD_OUT = {
+    "flux": (tiny_flux, flux_eval_inputs),
+    "sd3": (tiny_sd3, sd3_eval_inputs),
+    "unet": (tiny_unet, unet_eval_inputs),
+}
