@@ -111,7 +111,10 @@ class GraphRuntime:
         self.calls[path] += 1
         self.last_path, self.last_reason = path, reason
         if reason:
-            logger.debug("%s: eager fallback (%s)", type(self.module).__name__, reason)
+            # The first fallback is worth seeing (a dtype or argument the capture did not
+            # cover makes every call eager); later ones only at debug level.
+            level = logging.INFO if self.calls[EAGER] == 1 else logging.DEBUG
+            logger.log(level, "%s: eager fallback (%s)", type(self.module).__name__, reason)
 
     # ----------------------------------------------------------------- routing
     def _route(self, args: tuple, kwargs: dict) -> str | tuple[list, torch.device, bool]:
