@@ -3,6 +3,8 @@
 Public API (everything else is internal and may change):
 
     quantize(module, recipe, calibration=None, *, example_inputs=None) -> module
+    save(module, dir), load(dir) -> ExportedProgram, dequantize(module)
+    QCompileConfig — for from_pretrained(quantization_config=...) and pipelines
     Recipe, WeightSpec, ActivationSpec, LayerScheme, WeightFormat, Granularity,
     ActivationMode, list_recipes, get_recipe
     runtime_of(module)  — the graph runtime of a quantized module (path statistics)
@@ -11,14 +13,18 @@ Public API (everything else is internal and may change):
 """
 
 from qcompile import kernels as _kernels  # noqa: F401 - registers the qcompile:: ops
-from qcompile.api import QuantizationState, is_quantized, quantize
+from qcompile.api import QuantizationState, dequantize, is_quantized, quantize
+from qcompile.checkpoint import load, save
 from qcompile.errors import (
     CaptureError,
+    CheckpointError,
     NoLinearSelectedError,
     QCompileError,
     RecipeError,
     WeightError,
 )
+from qcompile.integrations.diffusers import QCompileQuantizer, register
+from qcompile.integrations.diffusers_config import QCompileConfig
 from qcompile.metrics import sqnr, weight_bytes
 from qcompile.recipes import (
     ActivationMode,
@@ -33,32 +39,41 @@ from qcompile.recipes import (
 )
 from qcompile.runtime import runtime_of
 
+register()  # diffusers' from_pretrained now dispatches quant_method "qcompile" here
+
 get_recipe = resolve_recipe
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - grouped by concern
+    # quantization
+    "QuantizationState",
+    "dequantize",
+    "is_quantized",
+    "quantize",
+    "runtime_of",
+    # checkpoints and diffusers
+    "QCompileConfig",
+    "QCompileQuantizer",
+    "load",
+    "save",
     # recipes
     "ActivationMode",
     "ActivationSpec",
-    # errors
-    "CaptureError",
     "Granularity",
     "LayerScheme",
-    "NoLinearSelectedError",
-    "QCompileError",
-    # quantization
-    "QuantizationState",
     "Recipe",
-    "RecipeError",
-    "WeightError",
     "WeightFormat",
     "WeightSpec",
     "get_recipe",
-    "is_quantized",
     "list_recipes",
-    "quantize",
     "resolve_recipe",
-    "runtime_of",
     # measures
     "sqnr",
     "weight_bytes",
+    # errors
+    "CaptureError",
+    "CheckpointError",
+    "NoLinearSelectedError",
+    "QCompileError",
+    "RecipeError",
+    "WeightError",
 ]

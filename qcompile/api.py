@@ -1,20 +1,28 @@
-"""`quantize`: capture → annotate → quantize → lower → attach, on a diffusers model."""
+"""`quantize`: capture → annotate → quantize → lower → attach, on a diffusers model.
+
+Also the pieces the diffusers quantizer shares: `attach` (runtime, state, diffusers
+marks), `attach_loaded`, `select_linears` and `dequantize`.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from qcompile.capture import capture
-from qcompile.errors import CaptureError, QCompileError
-from qcompile.families import detect_family
+from qcompile.capture import Capture, capture
+from qcompile.errors import CaptureError, NoLinearSelectedError, QCompileError
+from qcompile.families import ModelFamily, detect_family
 from qcompile.modules import QuantizedLinear
 from qcompile.passes import annotate_linears, lower_linears, quantize_weights
-from qcompile.passes.annotate_linears import linear_nodes
 from qcompile.recipes import LayerScheme, Recipe, resolve_recipe
 from qcompile.runtime import GraphRuntime, runtime_of
 from qcompile.schemes import QuantizedWeight
@@ -26,13 +34,13 @@ STATE_ATTR = "qcompile_state"
 
 @dataclass
 class QuantizationState:
-    """What `quantize` did to a module, kept on it as `module.qcompile_state`."""
+    """What qcompile did to a module, kept on it as `module.qcompile_state`."""
 
     recipe: Recipe
     family: str | None
     schemes: dict[str, LayerScheme]  # linear FQN → scheme
     linears_total: int
-    runtime: GraphRuntime
+    runtime: GraphRuntime | None  # None: eager only (no program could be captured)
 
 
 def quantize(
@@ -58,46 +66,38 @@ def quantize(
             f"{module.qcompile_state.recipe.name!r}; quantize the float model instead"
         )
     family = detect_family(module)
-    dynamic_shapes = None
     if example_inputs is None and calibration is not None:
         example_inputs = next(iter(calibration), None)
         if example_inputs is None:
             raise QCompileError("calibration is empty; pass at least one sample")
-    if example_inputs is None:
-        if family is None:
-            raise CaptureError(
-                f"qcompile cannot synthesize inputs for {type(module).__name__}; pass "
-                "example_inputs={...} (the keyword arguments of one real forward call, "
-                "batch and token counts >= 2)"
-            )
-        param = next(module.parameters())
-        example_inputs = family.example_inputs(module, param.device, param.dtype)
-        dynamic_shapes = family.dynamic_shapes(example_inputs)
-
     module.eval().requires_grad_(False)
-    captured = capture(module, example_inputs, dynamic_shapes)
+    captured = _capture(module, family, example_inputs)
+    if captured is None:
+        raise CaptureError(
+            f"qcompile cannot synthesize inputs for {type(module).__name__}; pass "
+            "example_inputs={...} (the keyword arguments of one real forward call, "
+            "batch and token counts >= 2)"
+        )
     program = captured.program
     excludes = family.default_excludes if family is not None and recipe.family_excludes else ()
-    linears_total = len(set(linear_nodes(program).values()))
     schemes = annotate_linears(program, recipe, excludes)
     packed = quantize_weights(program)
     lower_linears(program, packed)
     _swap_linears(module, schemes, packed)
-    runtime = GraphRuntime(module, captured)
-    module.forward = runtime
-    setattr(
-        module,
-        STATE_ATTR,
-        QuantizationState(recipe, family.name if family else None, schemes, linears_total, runtime),
-    )
-    logger.info(
-        "quantized %d of %d linears of %s with %s",
-        len(schemes),
-        linears_total,
-        type(module).__name__,
-        recipe.name,
-    )
+    attach(module, captured, recipe, schemes, family)
     return module
+
+
+def _capture(
+    module: nn.Module, family: ModelFamily | None, example_inputs: dict[str, Any] | None
+) -> Capture | None:
+    if example_inputs is not None:
+        return capture(module, example_inputs)
+    if family is None:
+        return None
+    param = next(module.parameters())
+    inputs = family.example_inputs(module, param.device, param.dtype)
+    return capture(module, inputs, family.dynamic_shapes(inputs))
 
 
 def _swap_linears(
@@ -108,14 +108,167 @@ def _swap_linears(
         parent_name, _, child = fqn.rpartition(".")
         parent = module.get_submodule(parent_name)
         linear = getattr(parent, child)
-        setattr(
-            parent,
-            child,
-            QuantizedLinear(
-                linear.in_features, linear.out_features, schemes[fqn], tensors, linear.bias
-            ),
+        quantized = QuantizedLinear(
+            linear.in_features, linear.out_features, schemes[fqn], tensors, linear.bias
         )
+        setattr(parent, child, quantized)
+
+
+def select_linears(module: nn.Module, recipe: Recipe) -> dict[str, LayerScheme]:
+    """The nn.Linear modules `recipe` selects (family excludes applied), by FQN."""
+    family = detect_family(module)
+    excludes = family.default_excludes if family is not None and recipe.family_excludes else ()
+    linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    selected = {n: recipe.scheme for n in linears if recipe.selects(n, excludes)}
+    if not selected:
+        raise NoLinearSelectedError(
+            f"recipe {recipe.name!r} selects none of {type(module).__name__}'s "
+            f"{len(linears)} linear layers; widen `include` or narrow `exclude`"
+        )
+    return selected
+
+
+def _count_linears(module: nn.Module) -> int:
+    return sum(isinstance(m, (nn.Linear, QuantizedLinear)) for m in module.modules())
+
+
+def attach(
+    module: nn.Module,
+    captured: Capture | None,
+    recipe: Recipe,
+    schemes: dict[str, LayerScheme],
+    family: ModelFamily | None,
+    hf_quantizer: Any = None,
+) -> None:
+    """Install the graph runtime and qcompile's state on a module with quantized linears."""
+    runtime = None
+    if captured is not None:
+        runtime = GraphRuntime(module, captured)
+        module.forward = runtime
+    family_name = family.name if family else None
+    state = QuantizationState(recipe, family_name, schemes, _count_linears(module), runtime)
+    setattr(module, STATE_ATTR, state)
+    if hasattr(module, "register_to_config"):
+        _mark_diffusers(module, captured, state, hf_quantizer)
+    logger.info(
+        "quantized %d of %d linears of %s with %s",
+        len(schemes),
+        state.linears_total,
+        type(module).__name__,
+        recipe.name,
+    )
+
+
+def _mark_diffusers(module: nn.Module, captured: Capture | None, state, hf_quantizer) -> None:
+    """Make the model look like any diffusers-quantized model, saved the qcompile way."""
+    from qcompile.checkpoint import save
+    from qcompile.integrations.diffusers import QCompileQuantizer
+    from qcompile.integrations.diffusers_config import PROGRAM_NAME, QCompileConfig
+
+    config = hf_quantizer.quantization_config if hf_quantizer else QCompileConfig(state.recipe)
+    config.layers = dict(state.schemes)
+    config.family = state.family
+    config.dtype = str(module.dtype).removeprefix("torch.")
+    config.program = PROGRAM_NAME if state.runtime is not None else None
+    if captured is not None and captured.output_type is not None:
+        cls = captured.output_type
+        config.output = {
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "fields": list(captured.output_fields),
+        }
+    if hf_quantizer is None:
+        hf_quantizer = QCompileQuantizer(config, pre_quantized=True)
+    module.register_to_config(quantization_config=config)
+    module.hf_quantizer = hf_quantizer
+    module.is_quantized = True
+    module.quantization_method = config.quant_method
+    module.save_pretrained = functools.partial(save, module)
+
+
+def attach_loaded(model: nn.Module, config, hf_quantizer, program_path: Path | None) -> None:
+    """Finish a model diffusers loaded through QCompileQuantizer: program, runtime, state."""
+    from qcompile.pt2 import load_program
+
+    family = detect_family(model)
+    model.eval().requires_grad_(False)
+    schemes = {n: m.scheme for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if program_path is not None:
+        program = load_program(program_path)
+        captured = Capture(
+            program=program,
+            signature=inspect.signature(model.forward),
+            input_names=_kwarg_names(program.call_spec.in_spec),
+            output_type=_output_class(config.output),
+            output_fields=tuple((config.output or {}).get("fields", ())),
+            seconds=0.0,
+        )
+    else:
+        captured = _capture(model, family, None)
+        if captured is None:
+            logger.warning(
+                "%s: no lowered program and no way to synthesize inputs; running eagerly",
+                type(model).__name__,
+            )
+    attach(model, captured, config.recipe, schemes, family, hf_quantizer)
+
+
+def _kwarg_names(in_spec) -> tuple[str, ...]:
+    """Names of the keyword arguments in an export in_spec ((args, kwargs))."""
+    kwargs = in_spec.child(1) if hasattr(in_spec, "child") else in_spec.children_specs[1]
+    return tuple(kwargs.context)
+
+
+def _output_class(output: dict | None) -> type | None:
+    """Import the recorded output class; only diffusers BaseOutput subclasses qualify."""
+    if not output or "class" not in output:
+        return None
+    from diffusers.utils import BaseOutput
+
+    module_name, _, name = output["class"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, BaseOutput)):
+        logger.warning("ignoring unknown output class %r", output["class"])
+        return None
+    return cls
+
+
+def dequantize(module: nn.Module) -> nn.Module:
+    """Replace every QuantizedLinear by a float nn.Linear; drop the graph runtime."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    for name, child in list(module.named_modules()):
+        if not isinstance(child, QuantizedLinear):
+            continue
+        weight = child.dequantized_weight()
+        linear = nn.Linear(
+            child.in_features,
+            child.out_features,
+            bias=child.bias is not None,
+            device=weight.device,
+            dtype=dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if child.bias is not None:
+                linear.bias.copy_(child.bias)
+        linear.requires_grad_(False)
+        parent, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent), attr, linear)
+    for attr in ("forward", "save_pretrained", STATE_ATTR):
+        module.__dict__.pop(attr, None)
+    if hasattr(module, "register_to_config"):
+        config = dict(module.config)
+        config.pop("quantization_config", None)
+        from diffusers.configuration_utils import FrozenDict
+
+        module._internal_dict = FrozenDict(config)
+    return module
 
 
 def is_quantized(module: nn.Module) -> bool:
-    return runtime_of(module) is not None
+    return getattr(module, STATE_ATTR, None) is not None
+
+
+__all__ = ["QuantizationState", "dequantize", "is_quantized", "quantize", "runtime_of"]

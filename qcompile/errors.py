@@ -21,3 +21,7 @@ class CaptureError(QCompileError, RuntimeError):
 
 class WeightError(QCompileError, ValueError):
     """A weight cannot be quantized (NaN/Inf, wrong rank)."""
+
+
+class CheckpointError(QCompileError, ValueError):
+    """A checkpoint folder or file is missing, malformed, corrupted or unsupported."""

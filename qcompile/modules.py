@@ -21,7 +21,7 @@ class QuantizedLinear(nn.Module):
     model's dtype like any other.
     """
 
-    _QUANTIZED_BUFFERS = (WEIGHT, WEIGHT_SCALE)
+    QUANTIZED = (WEIGHT, WEIGHT_SCALE)
 
     def __init__(
         self,
@@ -35,7 +35,7 @@ class QuantizedLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme
-        for name in self._QUANTIZED_BUFFERS:
+        for name in self.QUANTIZED:
             self.register_buffer(name, tensors[name])
         if bias is None:
             self.register_parameter(BIAS, None)
@@ -45,7 +45,7 @@ class QuantizedLinear(nn.Module):
 
     @property
     def quantized_tensors(self) -> QuantizedWeight:
-        return {name: getattr(self, name) for name in self._QUANTIZED_BUFFERS}
+        return {name: getattr(self, name) for name in self.QUANTIZED}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         impl = weight_format_impl(self.scheme.weight)
@@ -57,7 +57,7 @@ class QuantizedLinear(nn.Module):
         return impl.dequantize(self.quantized_tensors, self.scheme.weight, self.in_features)
 
     def _apply(self, fn, recurse=True):
-        packed = {name: self._buffers[name] for name in self._QUANTIZED_BUFFERS}
+        packed = {name: self._buffers[name] for name in self.QUANTIZED}
         for name in packed:
             self._buffers[name] = None  # nn.Module._apply skips None buffers
         try:

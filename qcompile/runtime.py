@@ -82,12 +82,10 @@ class GraphRuntime:
             for sym, vr in program.range_constraints.items()
         }
         self._guards = getattr(program.module(), "_guards_fn", None)
-        self._device = _program_device(program)
+        self._device = _graph_device(program)
         self._graph_modules = {self._device: program.graph_module}
         self._constants: dict[torch.device, dict[str, torch.Tensor]] = {}
-        # Weightless from here on: the live module owns every parameter and buffer.
-        for name, tensor in program.state_dict.items():
-            program.state_dict[name] = torch.empty_like(tensor, device="meta")
+        make_weightless(program)
 
     # ----------------------------------------------------------------- calling
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -230,7 +228,22 @@ def _same_constant(a: Any, b: Any) -> bool:
         return False
 
 
-def _program_device(program) -> torch.device:
+def make_weightless(program) -> None:
+    """Swap the program's parameters and buffers for meta tensors (the live module owns
+    them); parameters stay `nn.Parameter`s so the program still validates and saves."""
+    for name, tensor in program.state_dict.items():
+        meta = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            meta = nn.Parameter(meta, requires_grad=False)
+        program.state_dict[name] = meta
+
+
+def _graph_device(program) -> torch.device:
+    """The device the graph's literals name (arange/zeros/...), else its state's device."""
+    for node in program.graph.nodes:
+        device = node.kwargs.get("device") if node.op == "call_function" else None
+        if isinstance(device, torch.device):
+            return device
     for tensor in program.state_dict.values():
         return tensor.device
     return torch.device("cpu")

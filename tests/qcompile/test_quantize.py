@@ -53,7 +53,11 @@ def test_model_identity_is_kept(family):
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     result = qcompile.quantize(model, "int8-wo")
     assert result is model and type(result) is type(build())
-    assert dict(result.config) == config
+    quantization_config = result.config.quantization_config
+    assert {k: v for k, v in result.config.items() if k != "quantization_config"} == config
+    assert isinstance(quantization_config, qcompile.QCompileConfig)
+    assert quantization_config.layers == result.qcompile_state.schemes
+    assert result.is_quantized and result.hf_quantizer.quantization_config is quantization_config
     assert result.dtype == torch.float32 and result.device == torch.device("cpu")
     state = result.qcompile_state
     swapped = {n for n, m in result.named_modules() if isinstance(m, QuantizedLinear)}

@@ -114,13 +114,21 @@ def test_unet_out_of_range_and_guarded_calls_fall_back():
     assert odd.shape == (1, 4, 17, 20)
 
 
-def test_dtype_cast_keeps_packed_tensors_and_follows_device():
+def test_dtype_cast_is_refused_like_any_diffusers_quantized_model():
+    model = qcompile.quantize(tiny_flux(), "fp8-wo")
+    with pytest.raises(
+        ValueError, match="Casting a quantized model to a new `dtype` is unsupported"
+    ):
+        model.to(torch.bfloat16)
+
+
+def test_quantized_linear_follows_device_moves_but_never_casts():
     model = qcompile.quantize(tiny_flux(), "fp8-wo")
     layer = model.get_submodule("transformer_blocks.0.attn.to_q")
-    model.to(torch.bfloat16)
+    torch.nn.Module.to(model, torch.bfloat16)  # what a plain nn.Module.to(dtype) does
     assert layer.weight.dtype == torch.float8_e4m3fn
     assert layer.weight_scale.dtype == torch.float32
-    assert layer.bias.dtype == torch.bfloat16 and model.dtype == torch.bfloat16
+    assert layer.bias.dtype == torch.bfloat16
     out = _call(model, **flux_eval_inputs(model, dtype=torch.bfloat16))
     _assert_path(model, "eager")  # captured in float32
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

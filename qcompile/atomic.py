@@ -1,0 +1,85 @@
+"""Atomic replacement of a directory: a save either fully happens or leaves the old one.
+
+Files are written into a sibling temporary directory; only when every file is complete
+and fsynced does it take the target's place. On Linux the swap is one
+`renameat2(RENAME_EXCHANGE)` call, atomic even when the target exists; elsewhere it is
+two renames, and a crash between them leaves the previous checkpoint beside the target
+as `<name>.qcompile-old-*` instead of at it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces `target` when the block succeeds."""
+    target = Path(target).absolute()
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.qcompile-tmp-", dir=target.parent))
+    try:
+        yield staging
+        _fsync_tree(staging)
+        if target.exists():
+            _replace_existing(staging, target)
+            shutil.rmtree(staging, ignore_errors=True)  # now holds the old contents
+        else:
+            os.rename(staging, target)
+        _fsync(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace_existing(staging: Path, target: Path) -> None:
+    if _exchange(staging, target):
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f"{target.name}.qcompile-old-", dir=target.parent))
+    backup.rmdir()
+    os.rename(target, backup)
+    os.rename(staging, target)
+    os.rename(backup, staging)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    logger.debug("renameat2 unavailable (errno %d); using two renames", ctypes.get_errno())
+    return False
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync(root)
+
+
+def _fsync(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

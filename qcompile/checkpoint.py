@@ -1,0 +1,184 @@
+"""qcompile checkpoints: a diffusers model folder plus the weightless lowered program.
+
+    config.json                          model config + quantization_config (QCompileConfig)
+    diffusion_pytorch_model.safetensors  tensors by FQN (packed weights, scales, the rest);
+                                         header metadata carries a CRC32 per tensor
+    qcompile_program.pt2                 the lowered program, weightless
+    README.md                            how to load it
+
+Saves are atomic (`qcompile.atomic`); loads never unpickle (`qcompile.pt2`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.export import ExportedProgram
+
+from qcompile.atomic import atomic_directory
+from qcompile.errors import CheckpointError, QCompileError
+from qcompile.integrations.diffusers_config import PROGRAM_NAME, QCompileConfig
+from qcompile.pt2 import load_program, save_program
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CONFIG_NAME = "config.json"
+CRC_KEY = "qcompile_crc32"
+
+_README = """# qcompile checkpoint
+
+A diffusers model quantized by qcompile (recipe `{recipe}`). Load it with:
+
+```python
+import qcompile  # registers the "qcompile" quantizer with diffusers
+from diffusers import {cls}
+model = {cls}.from_pretrained("<this folder>")
+```
+"""
+
+
+def weights_name(variant: str | None = None) -> str:
+    if not variant:
+        return WEIGHTS_NAME
+    return WEIGHTS_NAME.replace(".safetensors", f".{variant}.safetensors")
+
+
+# torch's CPU allocator aligns to 64 bytes; tensors read from safetensors are mmap'd at
+# whatever offset they have in the file, and CPU BLAS kernels sum in a different order
+# for misaligned operands (the same weights gave different outputs after a reload).
+CPU_ALIGNMENT = 64
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or an owned copy of it if it sits on the CPU misaligned."""
+    if tensor.device.type == "cpu" and tensor.data_ptr() % CPU_ALIGNMENT:
+        return tensor.detach().clone()
+    return tensor
+
+
+def tensor_crc32(tensor: torch.Tensor) -> int:
+    data = tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy()
+    return zlib.crc32(data)
+
+
+def save(
+    module: nn.Module,
+    save_directory: str | os.PathLike,
+    is_main_process: bool = True,
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    max_shard_size: Any = None,
+    push_to_hub: bool = False,
+    **kwargs: Any,
+) -> None:
+    """Write `module` (quantized by qcompile) as a checkpoint folder, atomically.
+
+    Also installed as the quantized model's `save_pretrained`, so pipelines save it too.
+    A failure or crash mid-save leaves an earlier checkpoint at `save_directory` intact.
+    """
+    state = getattr(module, "qcompile_state", None)
+    if state is None or not hasattr(module, "save_config"):
+        raise QCompileError(
+            "qcompile.save needs a diffusers model quantized by qcompile.quantize or loaded "
+            f"from a qcompile checkpoint; got {type(module).__name__}"
+        )
+    if not safe_serialization:
+        raise CheckpointError("qcompile checkpoints are safetensors only: safe_serialization=True")
+    if push_to_hub:
+        raise CheckpointError("push_to_hub is not supported: save the folder, then upload it")
+    if kwargs:
+        logger.warning("qcompile.save ignores %s", sorted(kwargs))
+    if not is_main_process:
+        return
+    tensors = {name: t.detach().contiguous() for name, t in module.state_dict().items()}
+    crcs = {name: tensor_crc32(t) for name, t in tensors.items()}
+    with atomic_directory(save_directory) as staging:
+        module.save_config(staging)
+        save_file(
+            tensors,
+            staging / weights_name(variant),
+            metadata={"format": "pt", CRC_KEY: json.dumps(crcs, separators=(",", ":"))},
+        )
+        if state.runtime is not None:
+            save_program(state.runtime.program, staging / PROGRAM_NAME)
+        readme = _README.format(recipe=state.recipe.name, cls=type(module).__name__)
+        (staging / "README.md").write_text(readme)
+    logger.info("saved %s to %s", type(module).__name__, save_directory)
+
+
+def read_config(directory: Path) -> tuple[dict[str, Any], QCompileConfig]:
+    """The model config and its QCompileConfig; errors name config.json and the problem."""
+    path = directory / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist: not a model folder") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(quant, dict) or quant.get("quant_method") != "qcompile":
+        raise CheckpointError(f"{path} has no qcompile quantization_config")
+    try:
+        return config, QCompileConfig.from_dict(quant)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def read_checksums(path: Path) -> dict[str, int]:
+    """Per-tensor CRC32s recorded in a safetensors header (empty if none)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors header ({exc})") from exc
+    try:
+        return {k: int(v) for k, v in json.loads(metadata.get(CRC_KEY, "{}")).items()}
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: malformed {CRC_KEY} metadata ({exc})") from exc
+
+
+def verify_tensor(path: Path, name: str, tensor: torch.Tensor, crcs: dict[str, int]) -> None:
+    if name in crcs and tensor_crc32(tensor) != crcs[name]:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} is corrupted (CRC32 differs from the one recorded at "
+            "save time); re-download or re-save the checkpoint"
+        )
+
+
+def load(directory: str | os.PathLike, variant: str | None = None) -> ExportedProgram:
+    """The checkpoint's lowered program with its weights, runnable without the model class.
+
+    `load(dir).module()(**inputs)` runs it; the call must use the capture's arguments
+    (return_dict=False included).
+    """
+    directory = Path(directory)
+    _, config = read_config(directory)
+    program = load_program(directory / (config.program or PROGRAM_NAME))
+    path = directory / weights_name(variant)
+    crcs = read_checksums(path)
+    with safe_open(str(path), framework="pt") as f:
+        available = set(f.keys())
+        for name, meta in list(program.state_dict.items()):
+            if name not in available:
+                raise CheckpointError(f"{path}: tensor {name!r} the program needs is missing")
+            tensor = aligned(f.get_tensor(name))
+            verify_tensor(path, name, tensor, crcs)
+            if tensor.dtype != meta.dtype or tensor.shape != meta.shape:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} is {tensor.dtype}{list(tensor.shape)}, the "
+                    f"program expects {meta.dtype}{list(meta.shape)}"
+                )
+            if isinstance(meta, nn.Parameter):
+                tensor = nn.Parameter(tensor, requires_grad=False)
+            program.state_dict[name] = tensor
+    return program

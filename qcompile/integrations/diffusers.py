@@ -1,0 +1,246 @@
+"""qcompile's diffusers quantizer: reload pre-quantized folders, quantize on load.
+
+Registered under "qcompile" in diffusers' auto mappings by `import qcompile`.
+
+Pre-quantized: the meta-built model gets a `QuantizedLinear` (meta buffers with the
+packed shapes and dtypes) for every layer of the config; packed tensors then load
+straight into it, never through a float copy and never cast to `torch_dtype`; each is
+checked against its scheme and against the CRC32 recorded at save time. Afterwards the
+lowered program (`qcompile_program.pt2`) is re-attached.
+
+Quantize-on-load: the model keeps its float `nn.Linear`s (so diffusers casts incoming
+weights to the right float dtype, not to int8 zeros); each selected weight is quantized
+the moment it is read and its module swapped, so only one float weight is alive at a
+time. The quantized model is then captured with torch.export — its linears already call
+the `qcompile::` ops, so the program equals what lowering produces.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.quantizers.base import DiffusersQuantizer
+from torch import nn
+
+from qcompile.checkpoint import aligned, read_checksums, verify_tensor
+from qcompile.errors import CheckpointError, RecipeError, WeightError
+from qcompile.integrations.diffusers_config import PROGRAM_NAME, QCompileConfig, QCompileMethod
+from qcompile.modules import QuantizedLinear
+from qcompile.recipes import ActivationMode, LayerScheme
+from qcompile.schemes import weight_format_impl
+
+logger = logging.getLogger(__name__)
+
+
+class QCompileQuantizer(DiffusersQuantizer):
+    requires_calibration = False
+    use_keep_in_fp32_modules = True
+
+    def __init__(self, quantization_config: QCompileConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.checkpoint_files: list[Path] = []
+        self.checksums: dict[str, tuple[Path, int]] = {}
+        self.selected: dict[str, LayerScheme] = {}
+
+    # ------------------------------------------------------------ environment
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        config = self.quantization_config
+        if self.pre_quantized and not config.layers:
+            raise CheckpointError("config.json quantization_config lists no quantized layers")
+        if not self.pre_quantized and config.recipe.activation.mode is not ActivationMode.NONE:
+            raise RecipeError(
+                f"recipe {config.recipe.name!r} needs calibration and cannot quantize on load; "
+                "use a weight-only or dynamic recipe"
+            )
+
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+        recorded = self.quantization_config.dtype
+        if torch_dtype is None and recorded:
+            return getattr(torch, recorded)
+        return torch_dtype
+
+    def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list) -> list:
+        self.checkpoint_files = [Path(f) for f in checkpoint_files if isinstance(f, (str, Path))]
+        if self.pre_quantized:
+            for path in self.checkpoint_files:
+                if path.suffix == ".safetensors":
+                    self.checksums.update({k: (path, v) for k, v in read_checksums(path).items()})
+        return loaded_keys
+
+    def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        for name, tensor in state_dict.items():
+            if name in self.checksums:
+                path, crc = self.checksums[name]
+                verify_tensor(path, name, tensor, {name: crc})
+        return state_dict
+
+    # ------------------------------------------------------------ skeleton
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        config = self.quantization_config
+        if self.pre_quantized:
+            for fqn, scheme in config.layers.items():
+                linear = _linear_at(model, fqn, self._where())
+                impl = weight_format_impl(scheme.weight)
+                meta = torch.empty(linear.out_features, linear.in_features, device="meta")
+                tensors = impl.quantize(meta, scheme.weight)
+                _replace(
+                    model,
+                    fqn,
+                    QuantizedLinear(
+                        linear.in_features, linear.out_features, scheme, tensors, linear.bias
+                    ),
+                )
+            return
+        from qcompile.api import select_linears
+
+        self.selected = select_linears(model, config.recipe)
+
+    def check_if_quantized_param(
+        self,
+        model: nn.Module,
+        param_value: torch.Tensor,
+        param_name: str,
+        state_dict: dict,
+        **kwargs: Any,
+    ) -> bool:
+        owner, _, attr = param_name.rpartition(".")
+        if self.pre_quantized:
+            return owner in self.quantization_config.layers and attr in QuantizedLinear.QUANTIZED
+        return owner in self.selected and attr == "weight"
+
+    def check_quantized_param_shape(self, param_name: str, current: Any, loaded: Any) -> bool:
+        raise CheckpointError(
+            f"{self._where()}: tensor {param_name!r} has shape {list(loaded.shape)}, its "
+            f"layer's scheme expects {list(current.shape)}"
+        )
+
+    def create_quantized_param(
+        self,
+        model: nn.Module,
+        param_value: torch.Tensor,
+        param_name: str,
+        target_device: Any,
+        state_dict: dict,
+        unexpected_keys: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        owner, _, attr = param_name.rpartition(".")
+        module = model.get_submodule(owner)
+        if self.pre_quantized:
+            # diffusers has already cast float tensors (our float32 scales) to torch_dtype;
+            # the shard's own state_dict still holds them as saved.
+            param_value = state_dict.get(param_name, param_value)
+            expected = module._buffers[attr]
+            if param_value.dtype != expected.dtype or param_value.shape != expected.shape:
+                raise CheckpointError(
+                    f"{self._where()}: tensor {param_name!r} is {param_value.dtype}"
+                    f"{list(param_value.shape)}, but scheme "
+                    f"{module.scheme.weight.format.value} expects {expected.dtype}"
+                    f"{list(expected.shape)}"
+                )
+            module._buffers[attr] = param_value.to(target_device)
+            return
+        scheme = self.selected[owner]
+        weight = param_value.to(target_device)
+        if not torch.isfinite(weight).all():
+            raise WeightError(f"{param_name} contains NaN or Inf; fix the checkpoint")
+        with torch.no_grad():
+            tensors = weight_format_impl(scheme.weight).quantize(weight, scheme.weight)
+        _replace(
+            model,
+            owner,
+            QuantizedLinear(module.in_features, module.out_features, scheme, tensors, module.bias),
+        )
+
+    # ------------------------------------------------------------ finish
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        from qcompile.api import attach_loaded
+
+        missing = [
+            f"{name}.{attr}"
+            for name, module in model.named_modules()
+            if isinstance(module, QuantizedLinear)
+            for attr, tensor in module.quantized_tensors.items()
+            if tensor.is_meta
+        ]
+        if missing:
+            raise CheckpointError(
+                f"{self._where()}: the checkpoint lacks quantized tensors {missing[:8]}"
+                f"{' ...' if len(missing) > 8 else ''}"
+            )
+        if not self.pre_quantized:
+            unloaded = [
+                fqn for fqn in self.selected if isinstance(model.get_submodule(fqn), nn.Linear)
+            ]
+            if unloaded:
+                raise CheckpointError(f"{self._where()}: no weight was loaded for {unloaded[:8]}")
+        _align_cpu_tensors(model)
+        program = None
+        if self.pre_quantized and self.checkpoint_files:
+            name = self.quantization_config.program or PROGRAM_NAME
+            path = self.checkpoint_files[0].parent / name
+            if path.exists():
+                program = path
+            else:
+                logger.warning("%s is missing; capturing the model again", path)
+        attach_loaded(model, self.quantization_config, self, program)
+
+    def _dequantize(self, model: nn.Module) -> nn.Module:
+        from qcompile.api import dequantize
+
+        return dequantize(model)
+
+    def _where(self) -> str:
+        return str(self.checkpoint_files[0]) if self.checkpoint_files else "checkpoint"
+
+    @property
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def _align_cpu_tensors(model: nn.Module) -> None:
+    """Re-home misaligned CPU parameters and buffers (see `checkpoint.aligned`)."""
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None and aligned(tensor) is not tensor:
+                    copy = aligned(tensor)
+                    is_param = isinstance(tensor, nn.Parameter)
+                    table[name] = nn.Parameter(copy, requires_grad=False) if is_param else copy
+
+
+def _linear_at(model: nn.Module, fqn: str, where: str) -> nn.Linear:
+    try:
+        linear = model.get_submodule(fqn)
+    except AttributeError:
+        linear = None
+    if not isinstance(linear, nn.Linear):
+        raise CheckpointError(
+            f"{where}: quantization_config lists layer {fqn!r}, which "
+            f"{type(model).__name__} has no nn.Linear named"
+        )
+    return linear
+
+
+def _replace(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def register() -> None:
+    """Make diffusers dispatch quant_method "qcompile" to this quantizer."""
+    from diffusers.quantizers import auto
+
+    auto.AUTO_QUANTIZER_MAPPING[QCompileMethod.QCOMPILE.value] = QCompileQuantizer
+    auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QCompileMethod.QCOMPILE.value] = QCompileConfig

@@ -1,0 +1,133 @@
+"""`QCompileConfig`: the `quantization_config` of a qcompile checkpoint (format version 1).
+
+In config.json it reads:
+
+    {"quant_method": "qcompile", "format_version": 1, "recipe": {...}, "family": "flux",
+     "dtype": "bfloat16", "program": "qcompile_program.pt2",
+     "output": {"class": "diffusers.models.modeling_outputs.Transformer2DModelOutput",
+                "fields": ["sample"]},
+     "schemes": {"s0": {"weight": {...}, "activation": {...}}},
+     "layers": {"transformer_blocks.0.attn.to_q": "s0", ...}}
+
+Passed to `from_pretrained(quantization_config=QCompileConfig("int8-wo"))` it carries
+only a recipe: the model is quantized as its weights stream in.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from enum import Enum
+from typing import Any
+
+from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+
+from qcompile.errors import CheckpointError, QCompileError
+from qcompile.recipes import LayerScheme, Recipe, resolve_recipe
+
+FORMAT_VERSION = 1
+PROGRAM_NAME = "qcompile_program.pt2"
+_WHERE = "config.json quantization_config"
+
+
+class QCompileMethod(str, Enum):
+    QCOMPILE = "qcompile"
+
+
+class QCompileConfig(QuantizationConfigMixin):
+    """qcompile's diffusers quantization config; see the module docstring."""
+
+    def __init__(
+        self,
+        recipe: str | Recipe | dict = "int8-wo",
+        *,
+        format_version: int = FORMAT_VERSION,
+        family: str | None = None,
+        dtype: str | None = None,
+        program: str | None = None,
+        output: dict[str, Any] | None = None,
+        schemes: dict[str, dict] | None = None,
+        layers: dict[str, str] | dict[str, LayerScheme] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QCompileMethod.QCOMPILE
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            raise CheckpointError(f"{_WHERE}: unknown fields {sorted(kwargs)}")
+        if not isinstance(format_version, int) or format_version < 1:
+            raise CheckpointError(f"{_WHERE}: format_version must be a positive int")
+        if format_version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{_WHERE}: format_version {format_version} is newer than this qcompile "
+                f"reads ({FORMAT_VERSION}); upgrade qcompile"
+            )
+        self.format_version = format_version
+        self.recipe = recipe if isinstance(recipe, Recipe) else _recipe(recipe)
+        self.family = family
+        self.dtype = dtype
+        self.program = program
+        self.output = output
+        self.layers = _layers(layers, schemes)
+
+    @property
+    def pre_quantized(self) -> bool:
+        return bool(self.layers)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs: Any):
+        if not isinstance(config_dict, dict):
+            raise CheckpointError(f"{_WHERE} must be a JSON object")
+        config = cls(**{**config_dict, **kwargs})
+        return (config, {}) if return_unused_kwargs else config
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "quant_method": self.quant_method.value,
+            "format_version": self.format_version,
+            "recipe": self.recipe.to_dict(),
+        }
+        for key in ("family", "dtype", "program", "output"):
+            if getattr(self, key) is not None:
+                out[key] = copy.deepcopy(getattr(self, key))
+        if self.layers:
+            ids: dict[LayerScheme, str] = {}
+            for scheme in self.layers.values():
+                ids.setdefault(scheme, f"s{len(ids)}")
+            out["schemes"] = {sid: scheme.to_dict() for scheme, sid in ids.items()}
+            out["layers"] = {fqn: ids[scheme] for fqn, scheme in self.layers.items()}
+        return out
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def __repr__(self) -> str:
+        return (
+            f"QCompileConfig(recipe={self.recipe.name!r}, layers={len(self.layers)}, "
+            f"family={self.family!r}, format_version={self.format_version})"
+        )
+
+
+def _recipe(value: Any) -> Recipe:
+    try:
+        return Recipe.from_dict(value) if isinstance(value, dict) else resolve_recipe(value)
+    except QCompileError as exc:
+        raise CheckpointError(f"{_WHERE}: recipe is invalid: {exc}") from exc
+
+
+def _layers(layers: Any, schemes: Any) -> dict[str, LayerScheme]:
+    if not layers:
+        return {}
+    if not isinstance(layers, dict):
+        raise CheckpointError(f"{_WHERE}: layers must map layer names to scheme ids")
+    if all(isinstance(v, LayerScheme) for v in layers.values()):
+        return dict(layers)
+    if not isinstance(schemes, dict):
+        raise CheckpointError(f"{_WHERE}: layers given without a schemes table")
+    try:
+        table = {sid: LayerScheme.from_dict(spec) for sid, spec in schemes.items()}
+    except (QCompileError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{_WHERE}: a scheme is invalid: {exc!r}") from exc
+    unknown = sorted({sid for sid in layers.values() if sid not in table})
+    if unknown:
+        raise CheckpointError(f"{_WHERE}: layers name unknown scheme ids {unknown}")
+    return {fqn: table[sid] for fqn, sid in layers.items()}

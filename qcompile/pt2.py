@@ -1,0 +1,111 @@
+"""The lowered program on disk: a weightless `.pt2`, read back without unpickling.
+
+`torch.export.load` may unpickle archive members (sample inputs always; weights and
+constants flagged `use_pickle`, with a `weights_only=False` fallback), so a `.pt2` from
+an untrusted folder could run code. `load_program` opens the archive itself and reads
+only JSON members — the serialized program and the payload configs — plus raw bytes of
+tensor constants; any member flagged as pickled is refused. Parameters and buffers come
+back as meta tensors: the checkpoint's safetensors own the weights.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+
+from qcompile.errors import CheckpointError
+
+
+def save_program(program: ExportedProgram, path: Path) -> None:
+    """Write a weightless program (its state_dict on meta) as a standard `.pt2`."""
+    torch.export.save(program, str(path))
+
+
+def load_program(path: Path) -> ExportedProgram:
+    """Read a `.pt2` written by `save_program`; nothing in it is unpickled."""
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import (
+        ExportedProgramDeserializer,
+        _bytes_to_dataclass,
+        deserialize_scalar_type,
+    )
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: not a readable .pt2 archive ({exc})") from exc
+    with archive:
+        names = archive.namelist()
+        models = [n for n in names if "/models/" in f"/{n}" and n.endswith(".json")]
+        if len(models) != 1:
+            raise CheckpointError(f"{path}: expected one program in the archive, found {models}")
+        root, _, file = models[0].rpartition("models/")
+        model = file.removesuffix(".json")
+
+        def config(kind: str) -> schema.PayloadConfig:
+            member = f"{root}data/{kind}/{model}_{kind}_config.json"
+            try:
+                return _bytes_to_dataclass(schema.PayloadConfig, archive.read(member))
+            except KeyError:
+                raise CheckpointError(f"{path}: archive lacks {member}") from None
+
+        def tensor(meta: schema.TensorMeta, raw: bytes | None) -> torch.Tensor:
+            dtype = deserialize_scalar_type(meta.dtype)
+            sizes = [s.as_int for s in meta.sizes]
+            if raw is None:
+                return torch.empty(sizes, dtype=dtype, device="meta")
+            strides = [s.as_int for s in meta.strides]
+            flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype)
+            return flat.as_strided(sizes, strides, meta.storage_offset.as_int).clone()
+
+        try:
+            state_dict: dict[str, torch.Tensor] = {}
+            for fqn, payload in config("weights").config.items():
+                _refuse_pickle(path, fqn, payload)
+                value = tensor(payload.tensor_meta, None)
+                state_dict[fqn] = nn.Parameter(value, False) if payload.is_param else value
+            constants: dict[str, torch.Tensor] = {}
+            for fqn, payload in config("constants").config.items():
+                _refuse_pickle(path, fqn, payload)
+                raw = archive.read(f"{root}data/constants/{payload.path_name}")
+                constants[fqn] = tensor(payload.tensor_meta, raw)
+            serialized = _bytes_to_dataclass(schema.ExportedProgram, archive.read(models[0]))
+            program = ExportedProgramDeserializer().deserialize(
+                serialized, state_dict, constants, ((), {})
+            )
+            program.example_inputs = _placeholder_inputs(program)
+            return program
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path}: the lowered program cannot be read ({exc})") from exc
+
+
+def _placeholder_inputs(program: ExportedProgram) -> tuple:
+    """Example inputs with the capture's structure (the archive's own are pickled).
+
+    torch.export builds its guard function from the example inputs' pytree paths only;
+    0-dim tensors stand in for tensors, constants keep their value.
+    """
+    from torch.export.graph_signature import InputKind
+    from torch.utils import _pytree as pytree
+
+    nodes = [n for n in program.graph.nodes if n.op == "placeholder"]
+    leaves = [
+        torch.empty(()) if isinstance(node.meta.get("val"), torch.Tensor) else node.meta.get("val")
+        for node, spec in zip(nodes, program.graph_signature.input_specs, strict=True)
+        if spec.kind is InputKind.USER_INPUT
+    ]
+    return pytree.tree_unflatten(leaves, program.call_spec.in_spec)
+
+
+def _refuse_pickle(path: Path, fqn: str, payload) -> None:
+    if payload.use_pickle or payload.tensor_meta is None:
+        raise CheckpointError(
+            f"{path}: archive member for {fqn!r} is pickled; qcompile never unpickles on "
+            "load. Re-save the checkpoint with qcompile.save."
+        )
