@@ -16,6 +16,7 @@ from torch.export import ExportedProgram
 from tqdm.auto import tqdm
 
 from qcompile.errors import WeightError
+from qcompile.memory import release_freed_memory
 from qcompile.passes.meta import LINEAR_FQN, SCHEME
 from qcompile.program import state_tensor
 from qcompile.schemes import QuantizedWeight, weight_format_impl
@@ -42,5 +43,6 @@ def quantize_weights(program: ExportedProgram) -> dict[str, QuantizedWeight]:
             )
         with torch.no_grad():
             packed[fqn] = weight_format_impl(scheme.weight).quantize(weight, scheme.weight)
+        release_freed_memory()
     logger.info("quantize_weights: packed %d linears", len(packed))
     return packed

@@ -23,6 +23,7 @@ from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 from qcompile.errors import CaptureError
+from qcompile.memory import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def capture(
                 specs[RETURN_DICT] = None
             program = _export(module, kwargs, specs)
         output_type, output_fields = _output_type(module, example_inputs, has_return_dict)
+    release_freed_memory()  # export and the probe above free far more than they keep
     seconds = time.perf_counter() - start
     logger.info("captured %s in %.1f s", type(module).__name__, seconds)
     return Capture(

@@ -28,6 +28,7 @@ from torch import nn
 from qcompile.checkpoint import aligned, read_checksums, verify_tensor
 from qcompile.errors import CheckpointError, RecipeError, WeightError
 from qcompile.integrations.diffusers_config import PROGRAM_NAME, QCompileConfig, QCompileMethod
+from qcompile.memory import release_freed_memory
 from qcompile.modules import QuantizedLinear
 from qcompile.recipes import ActivationMode, LayerScheme
 from qcompile.schemes import weight_format_impl
@@ -154,6 +155,8 @@ class QCompileQuantizer(DiffusersQuantizer):
             owner,
             QuantizedLinear(module.in_features, module.out_features, scheme, tensors, module.bias),
         )
+        del weight, param_value
+        release_freed_memory()  # see qcompile.memory: otherwise the float temporaries stay
 
     # ------------------------------------------------------------ finish
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
