@@ -4,6 +4,12 @@ Importing this package registers the ops; a saved ``.pt2`` that uses them loads 
 after it (``import qcompile`` does it).
 """
 
-from qcompile.kernels import ops
+# This folder installs as qcompile.kernels. Run from the repository root, Python also
+# finds it as a top-level `kernels`, which transformers probes for (Hugging Face's kernel
+# hub package) by importing it. Under that name it must stay inert: no qcompile import
+# (which would register the quantizer as a side effect) and no __version__ (so the probe
+# reports the hub package as absent).
+if __name__ == "qcompile.kernels":
+    from qcompile.kernels import ops
 
-__all__ = ["ops"]
+    __all__ = ["ops"]
