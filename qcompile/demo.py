@@ -1,8 +1,9 @@
 """`qcompile demo`: quantize a tiny, fully offline FluxPipeline and report what changed.
 
 Builds every component from configs in code (nothing is downloaded), runs the float
-pipeline, quantizes the transformer, runs the pipeline again unchanged, writes the
-image, and reports sizes, SQNR and time per phase.
+pipeline, quantizes the transformer, runs the pipeline again unchanged, saves the
+transformer, reloads it through diffusers' from_pretrained, runs the pipeline with the
+reloaded model, writes the image, and reports sizes, SQNR and time per phase.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class DemoReport:
     linears_total: int
     graph_calls: int
     eager_calls: int
+    checkpoint_bytes: int
+    reloaded_output_equal: bool
+    reloaded_image_equal: bool
+    reloaded_graph_calls: int
     image_path: Path
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -81,6 +86,17 @@ def run_demo(
     runtime.calls.clear()
     with _timed(seconds, "quantized pipeline"), torch.no_grad():
         images = pipe(**call, generator=torch.Generator().manual_seed(0), output_type="pt")
+    checkpoint = out_dir / f"flux-tiny-{recipe}-transformer"
+    with _timed(seconds, "save checkpoint"):
+        transformer.save_pretrained(checkpoint)
+    with _timed(seconds, "reload (from_pretrained)"):
+        reloaded = type(transformer).from_pretrained(checkpoint)
+    with torch.no_grad():
+        reloaded_out = reloaded(**first_call["kwargs"])[0]
+    runtime_of(reloaded).calls.clear()
+    pipe.transformer = reloaded
+    with _timed(seconds, "reloaded pipeline"), torch.no_grad():
+        again = pipe(**call, generator=torch.Generator().manual_seed(0), output_type="pt")
     image_path = out_dir / f"flux-tiny-{recipe}.png"
     pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(images.images))[0].save(
         image_path
@@ -97,6 +113,10 @@ def run_demo(
         linears_total=state.linears_total,
         graph_calls=runtime.calls["graph"],
         eager_calls=runtime.calls["eager"],
+        checkpoint_bytes=sum(f.stat().st_size for f in checkpoint.iterdir()),
+        reloaded_output_equal=torch.equal(reloaded_out, quantized_out),
+        reloaded_image_equal=torch.equal(again.images, images.images),
+        reloaded_graph_calls=runtime_of(reloaded).calls["graph"],
         image_path=image_path,
         seconds=seconds,
     )
@@ -112,6 +132,12 @@ def format_report(report: DemoReport) -> str:
         ("transformer output SQNR vs float", f"{report.transformer_sqnr_db:.1f} dB"),
         ("image SQNR vs float pipeline", f"{report.image_sqnr_db:.1f} dB"),
         ("transformer calls graph / eager", f"{report.graph_calls} / {report.eager_calls}"),
+        ("checkpoint bytes (all files)", f"{report.checkpoint_bytes:,}"),
+        (
+            "reloaded: output / image bitwise equal",
+            f"{report.reloaded_output_equal} / {report.reloaded_image_equal}",
+        ),
+        ("reloaded: transformer calls on graph", str(report.reloaded_graph_calls)),
         *((f"seconds: {phase}", f"{s:.2f}") for phase, s in report.seconds.items()),
         ("image", str(report.image_path)),
     ]

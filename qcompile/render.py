@@ -42,13 +42,16 @@ def render_graph(program: ExportedProgram) -> str:
     def show(arg: object) -> str:
         if isinstance(arg, fx.Node):
             val = arg.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                dims = ", ".join(sym(str(d)) for d in val.shape)
-                return f"{_DTYPES.get(val.dtype, str(val.dtype))}[{dims}]"
-            return sym(str(val))
-        if isinstance(arg, (list, tuple)):
+            return show(val) if isinstance(val, (torch.Tensor, list, tuple)) else sym(str(val))
+        if isinstance(arg, (list, tuple)):  # lists and tuples alike (serialization swaps them)
             return "[" + ", ".join(show(a) for a in arg) + "]"
+        if isinstance(arg, torch.Tensor):
+            return show_tensor(arg)
         return repr(arg)
+
+    def show_tensor(val: torch.Tensor) -> str:
+        dims = ", ".join(sym(str(d)) for d in val.shape)
+        return f"{_DTYPES.get(val.dtype, str(val.dtype))}[{dims}]"
 
     lines = []
     for node in program.graph.nodes:

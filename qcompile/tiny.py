@@ -180,6 +180,8 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         tokenizer_2=_word_tokenizer(32),
         transformer=tiny_flux(seed),
     )
+    for component in (clip, t5, vae):
+        component.eval()  # built in training mode: T5's dropout would make runs differ
     return pipe if dtype is torch.float32 else pipe.to(dtype)
 
 

@@ -49,7 +49,7 @@ def _rewrite(folder, change, keep_crc=True):
     """Rewrite the weights file with `change(tensors)` applied; CRCs recomputed or kept."""
     path = folder / WEIGHTS_NAME
     with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+        tensors = {k: f.get_tensor(k).clone() for k in f}
         metadata = f.metadata()
     change(tensors)
     if not keep_crc:
@@ -129,7 +129,7 @@ def test_malformed_quantization_config(ckpt, edit, match):
 
 def test_layer_the_model_does_not_have(ckpt):
     _edit_config(ckpt, lambda q: q["layers"].update({"transformer_blocks.0.nope": "s0"}))
-    with pytest.raises(CheckpointError, match="lists layer 'transformer_blocks.0.nope'"):
+    with pytest.raises(CheckpointError, match=r"lists layer 'transformer_blocks\.0\.nope'"):
         SD3Transformer2DModel.from_pretrained(ckpt)
 
 
@@ -159,7 +159,7 @@ def test_missing_quantized_tensor(ckpt):
     _rewrite(ckpt, lambda t: t.pop(PACKED + "_scale"), keep_crc=False)
     with pytest.raises(CheckpointError, match=r"lacks quantized tensors \['.*to_q.weight_scale'\]"):
         SD3Transformer2DModel.from_pretrained(ckpt)
-    with pytest.raises(CheckpointError, match="to_q.weight_scale' the program needs is missing"):
+    with pytest.raises(CheckpointError, match=r"to_q\.weight_scale' the program needs is missing"):
         qcompile.load(ckpt)
 
 
@@ -225,6 +225,6 @@ def test_pickled_archive_members_are_refused(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match=f"archive member for '{first}' is pickled"):
         qcompile.load(ckpt)
     archive.write_bytes(pickle.dumps(_Planted(marker)))
-    with pytest.raises(CheckpointError, match="not a readable .pt2 archive"):
+    with pytest.raises(CheckpointError, match=r"not a readable \.pt2 archive"):
         SD3Transformer2DModel.from_pretrained(ckpt)
     assert not marker.exists()
