@@ -49,7 +49,7 @@ def _rewrite(folder, change, keep_crc=True):
     """Rewrite the weights file with `change(tensors)` applied; CRCs recomputed or kept."""
     path = folder / WEIGHTS_NAME
     with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k).clone() for k in f}
+        tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118 - not iterable
         metadata = f.metadata()
     change(tensors)
     if not keep_crc:
