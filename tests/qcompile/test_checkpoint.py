@@ -84,6 +84,8 @@ def test_bf16_round_trip_keeps_packed_dtypes(tmp_path):
     assert layer.weight_scale.dtype == torch.float32 and reloaded.dtype == torch.bfloat16
     assert torch.equal(_call(reloaded, inputs), expected)
     assert runtime_of(reloaded).last_path == "graph"
+    explicit = type(model).from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert torch.equal(_call(explicit, inputs), expected)
 
 
 def test_model_given_only_example_inputs_round_trips(tmp_path):
