@@ -26,7 +26,7 @@ def _check_linear(
         ),
     )
     torch._check(
-        weight_scale.shape[0] == weight.shape[0] and weight_scale.numel() == n_scales,
+        weight_scale.numel() in (1, n_scales),
         lambda: (
             f"qcompile.{name}: weight_scale {tuple(weight_scale.shape)} does not fit "
             f"weight {tuple(weight.shape)}"
@@ -82,3 +82,65 @@ def _(x, weight, weight_scale, bias, group_size):
         weight.shape[0] * groups,
     )
     return _empty_output(x, weight)
+
+
+# ---------------------------------------------------------------- activations, W8A8
+
+
+@torch.library.custom_op("qcompile::quantize_act_static", mutates_args=())
+def quantize_act_static(x: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """x / scale rounded to `dtype` (int8 or float8_e4m3fn); scale is a float32 scalar."""
+    return reference.quantize_act_static(x, scale, dtype)
+
+
+@quantize_act_static.register_fake
+def _(x, scale, dtype):
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.custom_op("qcompile::quantize_act_dynamic", mutates_args=())
+def quantize_act_dynamic(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per-row scale = max|x[row]| / qmax; returns (q in `dtype`, scale float32 [..., 1])."""
+    return reference.quantize_act_dynamic(x, dtype)
+
+
+@quantize_act_dynamic.register_fake
+def _(x, dtype):
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def _w8a8_fake(x_q, x_scale, weight, weight_scale, bias, out_dtype):
+    _check_linear("linear_w8a8", x_q, weight, weight_scale, x_q.shape[-1], weight.shape[0])
+    return x_q.new_empty((*x_q.shape[:-1], weight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("qcompile::linear_int8_w8a8", mutates_args=())
+def linear_int8_w8a8(
+    x_q: Tensor,
+    x_scale: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """y = (x_q · qᵀ) · x_scale · w_scale + b, int8 × int8 with exact accumulation."""
+    return reference.linear_w8a8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+
+
+linear_int8_w8a8.register_fake(_w8a8_fake)
+
+
+@torch.library.custom_op("qcompile::linear_fp8_w8a8", mutates_args=())
+def linear_fp8_w8a8(
+    x_q: Tensor,
+    x_scale: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """y = (x_q · fᵀ) · x_scale · w_scale + b, e4m3 × e4m3 accumulated in float32."""
+    return reference.linear_w8a8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+
+
+linear_fp8_w8a8.register_fake(_w8a8_fake)

@@ -19,13 +19,19 @@ from qcompile.errors import WeightError
 from qcompile.memory import release_freed_memory
 from qcompile.passes.meta import LINEAR_FQN, SCHEME
 from qcompile.program import state_tensor
-from qcompile.schemes import QuantizedWeight, weight_format_impl
+from qcompile.schemes import INPUT_SCALE, QuantizedWeight, tensor_names, weight_format_impl
 
 logger = logging.getLogger(__name__)
 
 
-def quantize_weights(program: ExportedProgram) -> dict[str, QuantizedWeight]:
-    """Pack every annotated linear's weight; return {linear FQN: packed tensors}."""
+def quantize_weights(
+    program: ExportedProgram, input_scales: dict[str, torch.Tensor] | None = None
+) -> dict[str, QuantizedWeight]:
+    """Pack every annotated linear's weight; return {linear FQN: packed tensors}.
+
+    Linears with static activation scales also get `input_scale` from `input_scales`
+    (the calibrated scales, by linear FQN).
+    """
     todo = {}
     for node in program.graph.nodes:
         if SCHEME in node.meta:
@@ -43,6 +49,13 @@ def quantize_weights(program: ExportedProgram) -> dict[str, QuantizedWeight]:
             )
         with torch.no_grad():
             packed[fqn] = weight_format_impl(scheme.weight).quantize(weight, scheme.weight)
+        if INPUT_SCALE in tensor_names(scheme):
+            if input_scales is None or fqn not in input_scales:
+                raise WeightError(
+                    f"{fqn} needs a calibrated input scale (static activations); pass "
+                    "calibration= or use a dynamic recipe"
+                )
+            packed[fqn][INPUT_SCALE] = input_scales[fqn].detach().to(torch.float32).reshape(())
         release_freed_memory()
     logger.info("quantize_weights: packed %d linears", len(packed))
     return packed

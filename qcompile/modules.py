@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qcompile.recipes import LayerScheme
-from qcompile.schemes import BIAS, WEIGHT, WEIGHT_SCALE, QuantizedWeight, weight_format_impl
+from qcompile.schemes import BIAS, QuantizedWeight, linear, tensor_names, weight_format_impl
 
 
 class QuantizedLinear(nn.Module):
@@ -20,8 +20,6 @@ class QuantizedLinear(nn.Module):
     (only their device follows); the bias stays a float parameter and follows the
     model's dtype like any other.
     """
-
-    QUANTIZED = (WEIGHT, WEIGHT_SCALE)
 
     def __init__(
         self,
@@ -35,7 +33,8 @@ class QuantizedLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme
-        for name in self.QUANTIZED:
+        self.quantized_names = tensor_names(scheme)
+        for name in self.quantized_names:
             self.register_buffer(name, tensors[name])
         if bias is None:
             self.register_parameter(BIAS, None)
@@ -45,11 +44,10 @@ class QuantizedLinear(nn.Module):
 
     @property
     def quantized_tensors(self) -> QuantizedWeight:
-        return {name: getattr(self, name) for name in self.QUANTIZED}
+        return {name: getattr(self, name) for name in self.quantized_names}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        impl = weight_format_impl(self.scheme.weight)
-        return impl.linear(x, self.quantized_tensors, self.bias, self.scheme.weight)
+        return linear(x, self.quantized_tensors, self.bias, self.scheme)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight [N, K] this layer computes with."""
@@ -57,7 +55,7 @@ class QuantizedLinear(nn.Module):
         return impl.dequantize(self.quantized_tensors, self.scheme.weight, self.in_features)
 
     def _apply(self, fn, recurse=True):
-        packed = {name: self._buffers[name] for name in self.QUANTIZED}
+        packed = {name: self._buffers[name] for name in self.quantized_names}
         for name in packed:
             self._buffers[name] = None  # nn.Module._apply skips None buffers
         try:
@@ -75,7 +73,9 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         w = self.scheme.weight
         group = f", group_size={w.group_size}" if w.group_size else ""
+        a = self.scheme.activation
+        act = f", activations={a.format.value} {a.mode.value}" if a.quantized else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"weight={w.format.value}{group}, bias={self.bias is not None}"
+            f"weight={w.format.value}{group}{act}, bias={self.bias is not None}"
         )

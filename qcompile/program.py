@@ -97,6 +97,23 @@ def replace_node(
     return new
 
 
+def insert_call(program: ExportedProgram, target: Any, args: tuple, before: fx.Node) -> fx.Node:
+    """Insert `target(*args)` before `before`; meta["val"] computed under the fake mode."""
+    graph = program.graph
+    with graph.inserting_before(before):
+        node = graph.call_function(target, args)
+    fake_mode = detect_fake_mode(
+        [n.meta["val"] for n in graph.nodes if n.op == "placeholder" and "val" in n.meta]
+    )
+    fake_args = fx.node.map_arg(args, lambda n: n.meta["val"])
+    with fake_mode:
+        node.meta["val"] = target(*fake_args)
+    for key in _KEPT_META:
+        if key in before.meta:
+            node.meta[key] = before.meta[key]
+    return node
+
+
 def finalize(program: ExportedProgram) -> None:
     program.graph.lint()
     program.graph_module.recompile()

@@ -28,12 +28,28 @@ class WeightFormat(str, Enum):
 
 
 class Granularity(str, Enum):
+    PER_TENSOR = "per_tensor"
     PER_CHANNEL = "per_channel"
     PER_GROUP = "per_group"
+    PER_ROW = "per_row"  # activations: one scale per token row (dynamic)
 
 
 class ActivationMode(str, Enum):
     NONE = "none"  # activations stay 16-bit (weight-only)
+    STATIC = "static"  # scale calibrated once, stored as `<fqn>.input_scale`
+    DYNAMIC = "dynamic"  # scale computed from each call's activation
+
+
+class ActivationFormat(str, Enum):
+    INT8 = "int8"
+    FP8_E4M3 = "fp8_e4m3"
+
+
+class Observer(str, Enum):
+    MIN_MAX = "min_max"
+    PERCENTILE = "percentile"
+    HISTOGRAM = "histogram"
+    MSE = "mse"
 
 
 @dataclass(frozen=True)
@@ -56,21 +72,65 @@ class WeightSpec:
                 raise RecipeError(
                     f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size!r}"
                 )
-        elif self.granularity is not Granularity.PER_CHANNEL or self.group_size is not None:
+        elif (
+            self.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_TENSOR)
+            or self.group_size is not None
+        ):
             raise RecipeError(
-                f"{self.format.value} weights are per_channel and take no group_size; "
-                f"got granularity={self.granularity.value!r}, group_size={self.group_size!r}"
+                f"{self.format.value} weights are per_channel or per_tensor and take no "
+                f"group_size; got granularity={self.granularity.value!r}, "
+                f"group_size={self.group_size!r}"
             )
 
 
 @dataclass(frozen=True)
 class ActivationSpec:
-    """How activations entering a quantized linear are treated."""
+    """How activations entering a quantized linear are treated.
+
+    static: one per-tensor scale from calibration (`observer` picks the range);
+    dynamic: a scale per token row, computed on every call.
+    """
 
     mode: ActivationMode = ActivationMode.NONE
+    format: ActivationFormat | None = None
+    granularity: Granularity | None = None
+    observer: Observer | None = None
+    percentile: float | None = None  # for observer "percentile"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", _enum(ActivationMode, self.mode, "activation.mode"))
+        mode = _enum(ActivationMode, self.mode, "activation.mode")
+        object.__setattr__(self, "mode", mode)
+        if mode is ActivationMode.NONE:
+            if any(v is not None for v in (self.format, self.granularity, self.observer)):
+                raise RecipeError("activation mode 'none' takes no format/granularity/observer")
+            return
+        object.__setattr__(
+            self, "format", _enum(ActivationFormat, self.format, "activation.format")
+        )
+        want = Granularity.PER_TENSOR if mode is ActivationMode.STATIC else Granularity.PER_ROW
+        granularity = _enum(Granularity, self.granularity or want, "activation.granularity")
+        if granularity is not want:
+            raise RecipeError(
+                f"{mode.value} activations are {want.value}, got {granularity.value!r}"
+            )
+        object.__setattr__(self, "granularity", granularity)
+        if mode is ActivationMode.DYNAMIC:
+            if self.observer is not None:
+                raise RecipeError("dynamic activations need no observer")
+            return
+        observer = _enum(Observer, self.observer or Observer.MIN_MAX, "activation.observer")
+        object.__setattr__(self, "observer", observer)
+        if observer is Observer.PERCENTILE:
+            value = 99.99 if self.percentile is None else self.percentile
+            if not (isinstance(value, (int, float)) and 50 < value <= 100):
+                raise RecipeError(f"activation.percentile must be in (50, 100], got {value!r}")
+            object.__setattr__(self, "percentile", float(value))
+        elif self.percentile is not None:
+            raise RecipeError("activation.percentile only applies to observer 'percentile'")
+
+    @property
+    def quantized(self) -> bool:
+        return self.mode is not ActivationMode.NONE
 
 
 @dataclass(frozen=True)
@@ -128,6 +188,21 @@ class Recipe:
                 f"recipe version {self.version} is newer than this qcompile supports "
                 f"({RECIPE_VERSION}); upgrade qcompile"
             )
+        self._check_pairing()
+
+    def _check_pairing(self) -> None:
+        if self.activation.quantized:
+            pair = (self.weight.format, self.activation.format)
+            if pair not in _W8A8_PAIRS:
+                raise RecipeError(
+                    f"{self.weight.format.value} weights cannot pair with "
+                    f"{self.activation.format.value} activations; supported: "
+                    + ", ".join(f"{w.value}+{a.value}" for w, a in _W8A8_PAIRS)
+                )
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.activation.mode is ActivationMode.STATIC
 
     @property
     def scheme(self) -> LayerScheme:
@@ -195,6 +270,12 @@ def resolve_recipe(recipe: str | Recipe) -> Recipe:
     raise RecipeError(f"recipe must be a preset name or a qcompile.Recipe, got {type(recipe)!r}")
 
 
+_W8A8_PAIRS = (
+    (WeightFormat.INT8, ActivationFormat.INT8),
+    (WeightFormat.FP8_E4M3, ActivationFormat.FP8_E4M3),
+)
+
+
 def _enum(cls: type[Enum], value: Any, what: str) -> Any:
     try:
         return cls(value)
@@ -220,3 +301,31 @@ register_recipe(
     Recipe("int4-wo", WeightSpec(WeightFormat.INT4, Granularity.PER_GROUP, DEFAULT_INT4_GROUP_SIZE))
 )
 register_recipe(Recipe("int4-wo-g128", WeightSpec(WeightFormat.INT4, Granularity.PER_GROUP, 128)))
+register_recipe(
+    Recipe(
+        "int8-w8a8",
+        WeightSpec(WeightFormat.INT8),
+        ActivationSpec(ActivationMode.STATIC, ActivationFormat.INT8, observer=Observer.MIN_MAX),
+    )
+)
+register_recipe(
+    Recipe(
+        "fp8-w8a8",
+        WeightSpec(WeightFormat.FP8_E4M3, Granularity.PER_TENSOR),
+        ActivationSpec(ActivationMode.STATIC, ActivationFormat.FP8_E4M3, observer=Observer.MIN_MAX),
+    )
+)
+register_recipe(
+    Recipe(
+        "fp8-dynamic",
+        WeightSpec(WeightFormat.FP8_E4M3),
+        ActivationSpec(ActivationMode.DYNAMIC, ActivationFormat.FP8_E4M3),
+    )
+)
+register_recipe(
+    Recipe(
+        "int8-dynamic",
+        WeightSpec(WeightFormat.INT8),
+        ActivationSpec(ActivationMode.DYNAMIC, ActivationFormat.INT8),
+    )
+)

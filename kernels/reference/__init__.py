@@ -8,11 +8,17 @@ The references are the CPU implementations of the ``qcompile::`` ops and the gro
 truth the Triton kernels are tested against: packing bitwise, GEMMs by SQNR.
 """
 
+from qcompile.kernels.reference.act import (
+    linear_w8a8,
+    quantize_act_dynamic,
+    quantize_act_static,
+)
 from qcompile.kernels.reference.fp8 import (
     FP8_E4M3_MAX,
     dequantize_fp8_per_channel,
     linear_fp8_wo,
     quantize_fp8_per_channel,
+    quantize_fp8_per_tensor,
 )
 from qcompile.kernels.reference.int4 import (
     dequantize_int4_per_group,
@@ -25,6 +31,7 @@ from qcompile.kernels.reference.int8 import (
     dequantize_int8_per_channel,
     linear_int8_wo,
     quantize_int8_per_channel,
+    quantize_int8_per_tensor,
 )
 
 __all__ = [
@@ -35,9 +42,14 @@ __all__ = [
     "linear_fp8_wo",
     "linear_int4_wo",
     "linear_int8_wo",
+    "linear_w8a8",
     "pack_int4",
+    "quantize_act_dynamic",
+    "quantize_act_static",
     "quantize_fp8_per_channel",
+    "quantize_fp8_per_tensor",
     "quantize_int4_per_group",
     "quantize_int8_per_channel",
+    "quantize_int8_per_tensor",
     "unpack_int4",
 ]

@@ -13,12 +13,19 @@ def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.
     """[N, K] float → (f float8_e4m3fn [N, K], scale float32 [N])."""
     w = weight.detach().to(torch.float32)
     scale = absmax_scale(w.abs().amax(dim=1), FP8_E4M3_MAX)
-    f = (w / scale[:, None]).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    f = (w / scale.reshape(-1, 1)).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return f, scale
 
 
+def quantize_fp8_per_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float → (f float8_e4m3fn [N, K], scale float32 [])."""
+    w = weight.detach().to(torch.float32)
+    scale = absmax_scale(w.abs().amax(), FP8_E4M3_MAX)
+    return (w / scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
 def dequantize_fp8_per_channel(f: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return f.to(torch.float32) * scale[:, None]
+    return f.to(torch.float32) * scale.reshape(-1, 1)
 
 
 def linear_fp8_wo(

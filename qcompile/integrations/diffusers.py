@@ -30,8 +30,8 @@ from qcompile.errors import CheckpointError, RecipeError, WeightError
 from qcompile.integrations.diffusers_config import PROGRAM_NAME, QCompileConfig, QCompileMethod
 from qcompile.memory import release_freed_memory
 from qcompile.modules import QuantizedLinear
-from qcompile.recipes import ActivationMode, LayerScheme
-from qcompile.schemes import weight_format_impl
+from qcompile.recipes import LayerScheme
+from qcompile.schemes import INPUT_SCALE, tensor_names, weight_format_impl
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,12 @@ class QCompileQuantizer(DiffusersQuantizer):
         config = self.quantization_config
         if self.pre_quantized and not config.layers:
             raise CheckpointError("config.json quantization_config lists no quantized layers")
-        if not self.pre_quantized and config.recipe.activation.mode is not ActivationMode.NONE:
+        if not self.pre_quantized and config.recipe.needs_calibration:
             raise RecipeError(
-                f"recipe {config.recipe.name!r} needs calibration and cannot quantize on load; "
-                "use a weight-only or dynamic recipe"
+                f"recipe {config.recipe.name!r} has static activation scales, which need "
+                "calibration: quantize-on-load cannot take it. Use a weight-only or dynamic "
+                "recipe (e.g. 'fp8-dynamic'), or qcompile.quantize(model, recipe, "
+                "calibration=...) and save the result"
             )
 
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
@@ -87,6 +89,8 @@ class QCompileQuantizer(DiffusersQuantizer):
                 impl = weight_format_impl(scheme.weight)
                 meta = torch.empty(linear.out_features, linear.in_features, device="meta")
                 tensors = impl.quantize(meta, scheme.weight)
+                if INPUT_SCALE in tensor_names(scheme):
+                    tensors[INPUT_SCALE] = torch.empty((), device="meta")
                 _replace(
                     model,
                     fqn,
@@ -109,7 +113,8 @@ class QCompileQuantizer(DiffusersQuantizer):
     ) -> bool:
         owner, _, attr = param_name.rpartition(".")
         if self.pre_quantized:
-            return owner in self.quantization_config.layers and attr in QuantizedLinear.QUANTIZED
+            scheme = self.quantization_config.layers.get(owner)
+            return scheme is not None and attr in tensor_names(scheme)
         return owner in self.selected and attr == "weight"
 
     def check_quantized_param_shape(self, param_name: str, current: Any, loaded: Any) -> bool:
