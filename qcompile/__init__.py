@@ -14,6 +14,7 @@ Public API (everything else is internal and may change):
 
 from qcompile import kernels as _kernels  # noqa: F401 - registers the qcompile:: ops
 from qcompile.api import QuantizationState, dequantize, is_quantized, quantize
+from qcompile.calibration import CalibrationError, CalibrationSet, capture_calibration
 from qcompile.checkpoint import load, save
 from qcompile.errors import (
     CaptureError,
@@ -27,10 +28,12 @@ from qcompile.integrations.diffusers import QCompileQuantizer, register
 from qcompile.integrations.diffusers_config import QCompileConfig
 from qcompile.metrics import sqnr, weight_bytes
 from qcompile.recipes import (
+    ActivationFormat,
     ActivationMode,
     ActivationSpec,
     Granularity,
     LayerScheme,
+    Observer,
     Recipe,
     WeightFormat,
     WeightSpec,
@@ -50,16 +53,21 @@ __all__ = [  # noqa: RUF022 - grouped by concern
     "is_quantized",
     "quantize",
     "runtime_of",
+    # calibration
+    "CalibrationSet",
+    "capture_calibration",
     # checkpoints and diffusers
     "QCompileConfig",
     "QCompileQuantizer",
     "load",
     "save",
     # recipes
+    "ActivationFormat",
     "ActivationMode",
     "ActivationSpec",
     "Granularity",
     "LayerScheme",
+    "Observer",
     "Recipe",
     "WeightFormat",
     "WeightSpec",
@@ -70,6 +78,7 @@ __all__ = [  # noqa: RUF022 - grouped by concern
     "sqnr",
     "weight_bytes",
     # errors
+    "CalibrationError",
     "CaptureError",
     "CheckpointError",
     "NoLinearSelectedError",

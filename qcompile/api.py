@@ -18,13 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from qcompile.calibration import as_calibration_set
 from qcompile.capture import Capture, capture
-from qcompile.errors import CaptureError, NoLinearSelectedError, QCompileError
+from qcompile.errors import CaptureError, NoLinearSelectedError, QCompileError, RecipeError
 from qcompile.families import ModelFamily, detect_family
 from qcompile.modules import QuantizedLinear
 from qcompile.passes import annotate_linears, lower_linears, quantize_weights
+from qcompile.passes.observe_activations import observe_activations
 from qcompile.recipes import LayerScheme, Recipe, resolve_recipe
-from qcompile.runtime import GraphRuntime, runtime_of
+from qcompile.runtime import CallMatcher, GraphRuntime, runtime_of
 from qcompile.schemes import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -46,9 +48,10 @@ class QuantizationState:
 def quantize(
     module: nn.Module,
     recipe: str | Recipe,
-    calibration: Iterable[dict[str, Any]] | None = None,
+    calibration: Iterable[dict[str, Any]] | str | None = None,
     *,
     example_inputs: dict[str, Any] | None = None,
+    skip_nonfinite: bool = False,
 ) -> nn.Module:
     """Quantize `module` in place and return it (same object: class, config, dtype, device).
 
@@ -56,6 +59,11 @@ def quantize(
     the capture are synthesized for Flux, SD3 and UNet2DCondition models; any other
     model needs `example_inputs` (a kwargs dict for its forward, batch and token counts
     ≥ 2) or `calibration` (an iterable of such dicts; the first one is used).
+
+    `calibration` — a `CalibrationSet` from `capture_calibration`, a list of forward
+    kwargs dicts, or a saved set's path — is required by recipes with static activation
+    scales (int8-w8a8, fp8-w8a8). NaN/Inf in it is an error naming the sample and input,
+    or, with `skip_nonfinite=True`, such samples are dropped with a warning.
     """
     recipe = resolve_recipe(recipe)
     if not isinstance(module, nn.Module):
@@ -66,12 +74,24 @@ def quantize(
             f"{module.qcompile_state.recipe.name!r}; quantize the float model instead"
         )
     family = detect_family(module)
-    if example_inputs is None and calibration is not None:
-        example_inputs = next(iter(calibration), None)
-        if example_inputs is None:
-            raise QCompileError("calibration is empty; pass at least one sample")
+    samples = None
+    if calibration is not None:
+        samples = as_calibration_set(calibration).check_finite(skip_nonfinite)
+    elif recipe.needs_calibration:
+        raise RecipeError(
+            f"recipe {recipe.name!r} has static activation scales: pass calibration= "
+            "(see qcompile.capture_calibration) or use a dynamic preset such as "
+            "'fp8-dynamic' or 'int8-dynamic'"
+        )
+    if example_inputs is None and samples is not None and family is None:
+        example_inputs = samples.samples[0]
     module.eval().requires_grad_(False)
     captured = _capture(module, family, example_inputs)
+    if captured is not None and samples is not None and example_inputs is None:
+        reason = CallMatcher(captured, guards=False).match((), dict(samples.samples[0]))
+        if isinstance(reason, str):  # the pipeline calls differently than synthesized
+            logger.info("capturing from the first calibration sample (%s)", reason)
+            captured = capture(module, samples.samples[0])
     if captured is None:
         raise CaptureError(
             f"qcompile cannot synthesize inputs for {type(module).__name__}; pass "
@@ -81,7 +101,10 @@ def quantize(
     program = captured.program
     excludes = family.default_excludes if family is not None and recipe.family_excludes else ()
     schemes = annotate_linears(program, recipe, excludes)
-    packed = quantize_weights(program)
+    input_scales = None
+    if recipe.needs_calibration:
+        input_scales, _ = observe_activations(program, samples, CallMatcher(captured))
+    packed = quantize_weights(program, input_scales)
     lower_linears(program, packed)
     _swap_linears(module, schemes, packed)
     attach(module, captured, recipe, schemes, family)

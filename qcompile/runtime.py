@@ -45,30 +45,15 @@ class _Const:
         self.value = value
 
 
-class GraphRuntime:
-    """Callable installed as `module.forward`; see the module docstring."""
+class CallMatcher:
+    """Decides whether a forward call fits a captured program, and flattens it if so."""
 
-    def __init__(self, module: nn.Module, captured: Capture) -> None:
+    def __init__(self, captured: Capture, guards: bool = True) -> None:
         program = captured.program
-        self.module = module
         self.program = program
         self.signature = captured.signature
         self.input_names = captured.input_names
-        self.output_type = captured.output_type
-        self.output_fields = captured.output_fields
-        self.graph_enabled = True
-        self.calls: Counter[str] = Counter()
-        self.last_path: str | None = None
-        self.last_reason = ""
         sig = program.graph_signature
-        bad = [s.kind for s in sig.output_specs if s.kind is not OutputKind.USER_OUTPUT]
-        if bad:
-            raise NotImplementedError(f"programs that mutate state are not supported: {bad}")
-        self._state = [
-            self._resolver(spec)
-            for spec in sig.input_specs
-            if spec.kind is not InputKind.USER_INPUT
-        ]
         nodes = [n for n in program.graph.nodes if n.op == "placeholder"]
         self._leaves = [
             _Tensor(n.meta["val"])
@@ -81,41 +66,10 @@ class GraphRuntime:
             sym: (finite_int(vr.lower) or 0, finite_int(vr.upper))
             for sym, vr in program.range_constraints.items()
         }
-        self._guards = getattr(program.module(), "_guards_fn", None)
-        self._device = _graph_device(program)
-        self._graph_modules = {self._device: program.graph_module}
-        self._constants: dict[torch.device, dict[str, torch.Tensor]] = {}
-        make_weightless(program)
+        self._guards = getattr(program.module(), "_guards_fn", None) if guards else None
 
-    # ----------------------------------------------------------------- calling
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        routed = self._route(args, kwargs) if self.graph_enabled else "graph disabled"
-        if isinstance(routed, str):
-            self._record(EAGER, routed)
-            return type(self.module).forward(self.module, *args, **kwargs)
-        flat, device, return_dict = routed
-        self._record(GRAPH, "")
-        outputs = self._graph_module(device)(*self._state_tensors(device), *flat)
-        result = pytree.tree_unflatten(list(outputs), self.program.call_spec.out_spec)
-        if return_dict and self.output_type is not None:
-            return self.output_type(**dict(zip(self.output_fields, result, strict=True)))
-        return result
-
-    def eager(self, *args: Any, **kwargs: Any) -> Any:
-        """The module's own forward (quantized linears), whatever the call."""
-        return type(self.module).forward(self.module, *args, **kwargs)
-
-    def _record(self, path: str, reason: str) -> None:
-        self.calls[path] += 1
-        self.last_path, self.last_reason = path, reason
-        if reason:
-            # The first fallback is worth seeing (a dtype or argument the capture did not
-            # cover makes every call eager); later ones only at debug level.
-            level = logging.INFO if self.calls[EAGER] == 1 else logging.DEBUG
-            logger.log(level, "%s: eager fallback (%s)", type(self.module).__name__, reason)
-
-    # ----------------------------------------------------------------- routing
-    def _route(self, args: tuple, kwargs: dict) -> str | tuple[list, torch.device, bool]:
+    def match(self, args: tuple, kwargs: dict) -> str | tuple[list, torch.device, bool]:
+        """(flat inputs, device, return_dict) when the call fits; else the reason."""
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -182,6 +136,62 @@ class GraphRuntime:
             if expr.free_symbols - bindings.keys() or int(expr.xreplace(bindings)) != size:
                 return f"input {index}: dim {expr} does not hold for size {size}"
         return ""
+
+
+class GraphRuntime:
+    """Callable installed as `module.forward`; see the module docstring."""
+
+    def __init__(self, module: nn.Module, captured: Capture) -> None:
+        program = captured.program
+        self.module = module
+        self.program = program
+        self.matcher = CallMatcher(captured)
+        self.output_type = captured.output_type
+        self.output_fields = captured.output_fields
+        self.graph_enabled = True
+        self.calls: Counter[str] = Counter()
+        self.last_path: str | None = None
+        self.last_reason = ""
+        sig = program.graph_signature
+        bad = [s.kind for s in sig.output_specs if s.kind is not OutputKind.USER_OUTPUT]
+        if bad:
+            raise NotImplementedError(f"programs that mutate state are not supported: {bad}")
+        self._state = [
+            self._resolver(spec)
+            for spec in sig.input_specs
+            if spec.kind is not InputKind.USER_INPUT
+        ]
+        self._device = _graph_device(program)
+        self._graph_modules = {self._device: program.graph_module}
+        self._constants: dict[torch.device, dict[str, torch.Tensor]] = {}
+        make_weightless(program)  # from here on the live module owns every tensor
+
+    # ----------------------------------------------------------------- calling
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        routed = self.matcher.match(args, kwargs) if self.graph_enabled else "graph disabled"
+        if isinstance(routed, str):
+            self._record(EAGER, routed)
+            return type(self.module).forward(self.module, *args, **kwargs)
+        flat, device, return_dict = routed
+        self._record(GRAPH, "")
+        outputs = self._graph_module(device)(*self._state_tensors(device), *flat)
+        result = pytree.tree_unflatten(list(outputs), self.program.call_spec.out_spec)
+        if return_dict and self.output_type is not None:
+            return self.output_type(**dict(zip(self.output_fields, result, strict=True)))
+        return result
+
+    def eager(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's own forward (quantized linears), whatever the call."""
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def _record(self, path: str, reason: str) -> None:
+        self.calls[path] += 1
+        self.last_path, self.last_reason = path, reason
+        if reason:
+            # The first fallback is worth seeing (a dtype or argument the capture did not
+            # cover makes every call eager); later ones only at debug level.
+            level = logging.INFO if self.calls[EAGER] == 1 else logging.DEBUG
+            logger.log(level, "%s: eager fallback (%s)", type(self.module).__name__, reason)
 
     # ----------------------------------------------------------------- state
     def _resolver(self, spec):

@@ -1,0 +1,108 @@
+"""Run the calibration set through the program and set static activation scales.
+
+Why: static activation scales must come from real inputs, and they belong to the
+tensor a linear reads, not to the linear: q/k/v projections that read one normalized
+tensor share one observer (and so one scale), which is what lets lowering quantize
+that tensor once. Nothing is baked into the graph: an `fx.Interpreter` records the
+statistics of the observed nodes' values, keyed by the linears' FQNs.
+Pre: `annotate_linears` has run on a float program. Post: the program is unchanged;
+returns {linear FQN: input scale (float32 scalar)} for linears with static activations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+from tqdm.auto import tqdm
+
+from qcompile.kernels.reference.act import qmax
+from qcompile.kernels.reference.common import absmax_scale
+from qcompile.passes.meta import LINEAR_FQN, SCHEME
+from qcompile.passes.observers import ActivationStats, observe_range
+from qcompile.recipes import ActivationMode
+from qcompile.schemes import activation_impl
+
+logger = logging.getLogger(__name__)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule, stats: dict[fx.Node, ActivationStats]) -> None:
+        super().__init__(module)
+        self.stats = stats
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n in self.stats:
+            self.stats[n].update(result)
+        return result
+
+
+def observe_activations(
+    program: ExportedProgram, samples: Iterable[dict[str, Any]], matcher: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, ActivationStats]]:
+    """Observe every static-activation linear's input; return (scales, stats) by FQN."""
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for node in program.graph.nodes:
+        scheme = node.meta.get(SCHEME)
+        if scheme is not None and scheme.activation.mode is ActivationMode.STATIC:
+            groups.setdefault(node.args[0], []).append(node)
+    if not groups:
+        return {}, {}
+    stats = {x: ActivationStats() for x in groups}
+    recorder = _Recorder(program.graph_module, stats)
+    state = [
+        _state(program, spec)
+        for spec in program.graph_signature.input_specs
+        if spec.kind is not InputKind.USER_INPUT
+    ]
+    used, skipped = 0, []
+    samples = list(samples)
+    for index, sample in enumerate(tqdm(samples, desc="qcompile: observing", disable=None)):
+        routed = matcher.match((), {**sample, "return_dict": False})
+        if isinstance(routed, str):
+            skipped.append((index, routed))
+            continue
+        flat, _, _ = routed
+        with torch.no_grad():
+            recorder.run(*state, *flat)
+        used += 1
+    for index, reason in skipped[:3]:
+        logger.warning(
+            "calibration sample %d does not fit the capture (%s); skipped", index, reason
+        )
+    if used == 0:
+        from qcompile.calibration import CalibrationError
+
+        raise CalibrationError(
+            f"none of the {len(samples)} calibration samples fits the captured program "
+            f"(first: {skipped[0][1] if skipped else 'no samples'})"
+        )
+    scales: dict[str, torch.Tensor] = {}
+    by_fqn: dict[str, ActivationStats] = {}
+    for x, consumers in groups.items():
+        activation = consumers[0].meta[SCHEME].activation
+        dtype = activation_impl(activation).dtype
+        clip = observe_range(stats[x], activation.observer, dtype, activation.percentile)
+        scale = absmax_scale(torch.tensor(clip), qmax(dtype))  # all-zero input → scale 1
+        for consumer in consumers:
+            scales[consumer.meta[LINEAR_FQN]] = scale
+            by_fqn[consumer.meta[LINEAR_FQN]] = stats[x]
+    logger.info(
+        "observe_activations: %d observers for %d linears over %d samples",
+        len(groups),
+        len(scales),
+        used,
+    )
+    return scales, by_fqn
+
+
+def _state(program: ExportedProgram, spec) -> torch.Tensor:
+    if spec.kind is InputKind.CONSTANT_TENSOR:
+        return program.constants[spec.target]
+    return program.state_dict[spec.target]

@@ -1,0 +1,114 @@
+"""Activation statistics and the observers that turn them into clipping ranges.
+
+`ActivationStats` gathers, in one pass over the calibration set: the exact per-channel
+max |x| (channels = last dim), a histogram of |x| over [0, R] whose range doubles as
+larger values arrive (bins merge exactly), and a reservoir of sampled values. Observers
+(`observe_range`) pick a clipping value T from them; the static scale is T / qmax:
+
+    min_max     T = max |x|
+    percentile  T = the p-th percentile of |x| (histogram; per channel: reservoir)
+    histogram   T minimising the quantization error of the histogram's mass
+    mse         T = r · max|x|, r searched on the sampled values, minimising their error
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qcompile.kernels.reference.act import _cast, qmax
+from qcompile.recipes import Observer
+
+BINS = 2048
+RESERVOIR = 1 << 18
+PER_BATCH_SAMPLE = 1 << 14
+MSE_RATIOS = torch.linspace(0.2, 1.0, 81)
+
+
+class ActivationStats:
+    def __init__(self) -> None:
+        self.channel_absmax: torch.Tensor | None = None
+        self.hist = torch.zeros(BINS, dtype=torch.float64)
+        self.range = 0.0  # histogram covers [0, range]
+        self.reservoir = torch.empty(0)
+        self.batches = 0
+        self._gen = torch.Generator().manual_seed(0)
+
+    def update(self, x: torch.Tensor) -> None:
+        a = x.detach().to(torch.float32).abs()
+        rows = a.reshape(-1, a.shape[-1]) if a.dim() else a.reshape(1, 1)
+        cmax = rows.amax(dim=0)
+        self.channel_absmax = (
+            cmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, cmax)
+        )
+        top = float(cmax.max())
+        if top > self.range:
+            self._grow(top)
+        if self.range > 0:
+            idx = (a.reshape(-1) / self.range * BINS).long().clamp_(max=BINS - 1)
+            self.hist += torch.bincount(idx, minlength=BINS).to(torch.float64)
+        flat = a.reshape(-1)
+        take = torch.randint(
+            flat.numel(), (min(flat.numel(), PER_BATCH_SAMPLE),), generator=self._gen
+        )
+        self.reservoir = torch.cat([self.reservoir, flat[take]])
+        if self.reservoir.numel() > RESERVOIR:
+            keep = torch.randperm(self.reservoir.numel(), generator=self._gen)[:RESERVOIR]
+            self.reservoir = self.reservoir[keep]
+        self.batches += 1
+
+    def _grow(self, top: float) -> None:
+        new_range = 2.0 ** math.ceil(math.log2(top)) if top > 0 else 0.0
+        if self.range > 0:
+            factor = int(new_range / self.range)
+            merged = self.hist.view(-1, min(factor, BINS)).sum(dim=1) if factor > 1 else self.hist
+            self.hist = torch.zeros(BINS, dtype=torch.float64)
+            self.hist[: merged.numel()] = merged
+        self.range = new_range
+
+    @property
+    def absmax(self) -> float:
+        return 0.0 if self.channel_absmax is None else float(self.channel_absmax.max())
+
+
+def _qdq_error(values: torch.Tensor, clip: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Mean squared error of symmetric quantization with clip value(s) `clip` [C, 1]."""
+    scale = (clip / qmax(dtype)).clamp_min(1e-30)
+    restored = _cast(values[None, :] / scale, dtype).to(torch.float32) * scale
+    return (values[None, :] - restored).pow(2).mean(dim=1)
+
+
+def observe_range(
+    stats: ActivationStats, observer: Observer, dtype: torch.dtype, percentile: float | None
+) -> float:
+    """The per-tensor clipping value T for `observer` (0 for all-zero activations)."""
+    top = stats.absmax
+    if top == 0 or observer is Observer.MIN_MAX:
+        return top
+    if observer is Observer.PERCENTILE:
+        cdf = torch.cumsum(stats.hist, 0) / stats.hist.sum()
+        index = int(torch.searchsorted(cdf, torch.tensor(percentile / 100, dtype=torch.float64)))
+        return min(top, stats.range * (index + 1) / BINS)
+    if observer is Observer.HISTOGRAM:
+        width = stats.range / BINS
+        points = (torch.arange(BINS)[:, None] + (torch.arange(4) + 0.5)[None, :] / 4) * width
+        weights = (stats.hist[:, None] / 4).expand(-1, 4).reshape(-1).to(torch.float32)
+        values = points.reshape(-1).to(torch.float32)
+        live = weights > 0
+        values, weights = values[live], weights[live]
+        candidates = torch.linspace(top / 16, top, 241)[:, None]
+        scale = candidates / qmax(dtype)
+        restored = _cast(values[None, :] / scale, dtype).to(torch.float32) * scale
+        error = ((values[None, :] - restored).pow(2) * weights[None, :]).sum(dim=1)
+        return float(candidates[int(error.argmin()), 0])
+    if observer is Observer.MSE:
+        candidates = (MSE_RATIOS * top)[:, None]
+        error = _qdq_error(stats.reservoir, candidates, dtype)
+        return float(candidates[int(error.argmin()), 0])
+    raise ValueError(f"unknown observer {observer}")
+
+
+def channel_range(stats: ActivationStats) -> torch.Tensor:
+    """Per-channel max |x| [K] (what smoothing migrates)."""
+    return stats.channel_absmax
