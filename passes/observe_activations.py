@@ -90,8 +90,8 @@ def observe_activations(
         dtype = activation_impl(activation).dtype
         clip = observe_range(stats[x], activation.observer, dtype, activation.percentile)
         scale = absmax_scale(torch.tensor(clip), qmax(dtype))  # all-zero input → scale 1
-        for consumer in consumers:
-            scales[consumer.meta[LINEAR_FQN]] = scale
+        for consumer in consumers:  # one value, but each linear owns its buffer
+            scales[consumer.meta[LINEAR_FQN]] = scale.clone()
             by_fqn[consumer.meta[LINEAR_FQN]] = stats[x]
     logger.info(
         "observe_activations: %d observers for %d linears over %d samples",

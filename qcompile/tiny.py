@@ -185,19 +185,90 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return pipe if dtype is torch.float32 else pipe.to(dtype)
 
 
+def _clip(vocab_size: int, hidden: int, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection or hidden,
+        eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=0,
+    )
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+    ).eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A StableDiffusion3Pipeline (two CLIP encoders, no T5) around `tiny_sd3`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    vocab_size = len(TINY_VOCAB) + 3
+    torch.manual_seed(seed)
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3(seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(),
+        text_encoder=_clip(vocab_size, 16, 16),
+        tokenizer=_word_tokenizer(77),
+        text_encoder_2=_clip(vocab_size, 16, 16),
+        tokenizer_2=_word_tokenizer(77),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A StableDiffusionXLPipeline around the SDXL-style `tiny_unet`."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    vocab_size = len(TINY_VOCAB) + 3
+    torch.manual_seed(seed)
+    return StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=_clip(vocab_size, 16),
+        tokenizer=_word_tokenizer(77),
+        text_encoder_2=_clip(vocab_size, 32, 32),
+        tokenizer_2=_word_tokenizer(77),
+        unet=tiny_unet(seed),
+        scheduler=EulerDiscreteScheduler(),
+    )
+
+
 # Held-out inputs: batch 1 and other sizes than the capture's examples.
-def _g(*shape):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+def _g(*shape, seed: int = 1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def flux_eval_inputs(model, batch=1, rows=6, cols=6, text=11, dtype=torch.float32):
+def flux_eval_inputs(model, batch=1, rows=6, cols=6, text=11, dtype=torch.float32, seed=1):
     cfg = model.config
     grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1)
     ids = torch.cat([torch.zeros(rows * cols, 1), grid.reshape(-1, 2)], 1)
     return {
-        "hidden_states": _g(batch, rows * cols, cfg.in_channels).to(dtype),
-        "encoder_hidden_states": _g(batch, text, cfg.joint_attention_dim).to(dtype),
-        "pooled_projections": _g(batch, cfg.pooled_projection_dim).to(dtype),
+        "hidden_states": _g(batch, rows * cols, cfg.in_channels, seed=seed).to(dtype),
+        "encoder_hidden_states": _g(batch, text, cfg.joint_attention_dim, seed=seed).to(dtype),
+        "pooled_projections": _g(batch, cfg.pooled_projection_dim, seed=seed).to(dtype),
         "timestep": torch.full((batch,), 0.7, dtype=dtype),
         "img_ids": ids.to(dtype),
         "txt_ids": torch.zeros(text, 3, dtype=dtype),
@@ -205,23 +276,26 @@ def flux_eval_inputs(model, batch=1, rows=6, cols=6, text=11, dtype=torch.float3
     }
 
 
-def sd3_eval_inputs(model, batch=1, height=20, width=16, text=11):
+def sd3_eval_inputs(model, batch=1, height=20, width=16, text=11, seed=1):
     cfg = model.config
     return {
-        "hidden_states": _g(batch, cfg.in_channels, height, width),
-        "encoder_hidden_states": _g(batch, text, cfg.joint_attention_dim),
-        "pooled_projections": _g(batch, cfg.pooled_projection_dim),
+        "hidden_states": _g(batch, cfg.in_channels, height, width, seed=seed),
+        "encoder_hidden_states": _g(batch, text, cfg.joint_attention_dim, seed=seed),
+        "pooled_projections": _g(batch, cfg.pooled_projection_dim, seed=seed),
         "timestep": torch.full((batch,), 700.0),
     }
 
 
-def unet_eval_inputs(model, batch=1, height=24, width=20, text=11):
+def unet_eval_inputs(model, batch=1, height=24, width=20, text=11, seed=1):
     cfg = model.config
     return {
-        "sample": _g(batch, cfg.in_channels, height, width),
+        "sample": _g(batch, cfg.in_channels, height, width, seed=seed),
         "timestep": torch.tensor(700.0),
-        "encoder_hidden_states": _g(batch, text, cfg.cross_attention_dim),
-        "added_cond_kwargs": {"text_embeds": _g(batch, 32), "time_ids": _g(batch, 6)},
+        "encoder_hidden_states": _g(batch, text, cfg.cross_attention_dim, seed=seed),
+        "added_cond_kwargs": {
+            "text_embeds": _g(batch, 32, seed=seed),
+            "time_ids": _g(batch, 6, seed=seed),
+        },
     }
 
 
