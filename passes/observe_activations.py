@@ -64,7 +64,10 @@ def observe_activations(
     used, skipped = 0, []
     samples = list(samples)
     for index, sample in enumerate(tqdm(samples, desc="qcompile: observing", disable=None)):
-        routed = matcher.match((), {**sample, "return_dict": False})
+        kwargs = dict(sample)
+        if "return_dict" in matcher.signature.parameters:
+            kwargs["return_dict"] = False
+        routed = matcher.match((), kwargs)
         if isinstance(routed, str):
             skipped.append((index, routed))
             continue

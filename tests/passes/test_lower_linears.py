@@ -163,3 +163,57 @@ def test_lowered_program_keeps_fqn_named_buffers():
     assert "to_q.weight" not in params and "to_q.bias" in params
     assert program.state_dict["to_q.weight"].dtype == torch.int8
     assert program.state_dict["to_q.weight_scale"].shape == (32,)
+
+
+def test_golden_block_w8a8_quantizes_each_tensor_once():
+    from qcompile.passes.observe_activations import observe_activations
+    from qcompile.runtime import CallMatcher
+
+    captured = capture(AttentionBlock().eval(), block_inputs())
+    program = captured.program
+    annotate_linears(program, get_recipe("int8-w8a8").replace(exclude=("embed",)))
+    scales, _ = observe_activations(program, [block_inputs(batch=3)], CallMatcher(captured))
+    lower_linears(program, quantize_weights(program, scales))
+    text = render_graph(program)
+    assert_expected_inline(
+        "\n".join(line for line in text.splitlines() if "qcompile" in line),
+        """\
+qcompile.quantize_act_static(f32[s0, s1, 32], f32[], torch.int8) -> i8[s0, s1, 32]
+qcompile.linear_int8_w8a8(i8[s0, s1, 32], f32[], i8[32, 32], f32[32], f32[32], torch.float32) -> f32[s0, s1, 32]
+qcompile.linear_int8_w8a8(i8[s0, s1, 32], f32[], i8[32, 32], f32[32], None, torch.float32) -> f32[s0, s1, 32]
+qcompile.linear_int8_w8a8(i8[s0, s1, 32], f32[], i8[32, 32], f32[32], f32[32], torch.float32) -> f32[s0, s1, 32]
+qcompile.quantize_act_static(f32[s0, s1, 32], f32[], torch.int8) -> i8[s0, s1, 32]
+qcompile.linear_int8_w8a8(i8[s0, s1, 32], f32[], i8[32, 32], f32[32], f32[32], torch.float32) -> f32[s0, s1, 32]
+qcompile.quantize_act_static(f32[s0, s1, 32], f32[], torch.int8) -> i8[s0, s1, 32]
+qcompile.linear_int8_w8a8(i8[s0, s1, 32], f32[], i8[64, 32], f32[64], f32[64], torch.float32) -> f32[s0, s1, 64]
+qcompile.quantize_act_static(f32[s0, s1, 64], f32[], torch.int8) -> i8[s0, s1, 64]
+qcompile.linear_int8_w8a8(i8[s0, s1, 64], f32[], i8[32, 64], f32[32], f32[32], torch.float32) -> f32[s0, s1, 32]""",
+    )
+    # Op counts: 6 linears lowered (embed excluded); 4 activation tensors quantized —
+    # norm(x) feeds q, k and v (one node for three GEMMs), then attention output,
+    # the residual sum and the GELU output feed one linear each.
+    counts = op_counts(program)
+    assert counts["qcompile.linear_int8_w8a8"] == 6
+    assert counts["qcompile.quantize_act_static"] == 4
+    assert counts["aten.linear"] == 1
+
+
+def test_tiny_flux_qkv_share_one_quantize_node():
+    from qcompile.passes.lower_linears import ACT_QUANT_SHARED_BY
+
+    model = tiny_flux()
+    inputs = FLUX.example_inputs(model, torch.device("cpu"), torch.float32)
+    program = capture(model, inputs, FLUX.dynamic_shapes(inputs)).program
+    _lower(program, get_recipe("int8-dynamic"), FLUX.default_excludes)
+    prefix = "transformer_blocks.0.attn."
+    quantize = [n for n in program.graph.nodes if ACT_QUANT_SHARED_BY in n.meta]
+    shared = [set(n.meta[ACT_QUANT_SHARED_BY]) for n in quantize]
+    assert {prefix + p for p in ("to_q", "to_k", "to_v")} in shared
+    assert {prefix + p for p in ("add_q_proj", "add_k_proj", "add_v_proj")} in shared
+    single = "single_transformer_blocks.0."
+    assert {single + p for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")} in shared
+    x_q = next(n for n in quantize if prefix + "to_q" in n.meta[ACT_QUANT_SHARED_BY])
+    pair = x_q.args[0]  # one quantize_act_dynamic; its (x_q, row scale) feed the GEMMs
+    assert pair.target is torch.ops.qcompile.quantize_act_dynamic.default
+    gemms = {gemm for item in pair.users for gemm in item.users}
+    assert len(gemms) == 3 and all("linear_int8_w8a8" in str(g.target) for g in gemms)
