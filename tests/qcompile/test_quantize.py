@@ -121,7 +121,9 @@ def test_quantizing_twice_is_refused():
 
 def test_unknown_recipe_name_lists_valid_ones():
     build, _ = FAMILIES["sd3"]
-    with pytest.raises(qcompile.RecipeError, match="valid recipes: fp8-wo, int4-wo"):
+    with pytest.raises(
+        qcompile.RecipeError, match="valid recipes: fp8-dynamic, fp8-w8a8, fp8-wo, int4-wo"
+    ):
         qcompile.quantize(build(), "int2-wo")
 
 
