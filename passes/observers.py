@@ -2,8 +2,9 @@
 
 `ActivationStats` gathers, in one pass over the calibration set: the exact per-channel
 max |x| (channels = last dim), a histogram of |x| over [0, R] whose range doubles as
-larger values arrive (bins merge exactly), and a reservoir of sampled values. Observers
-(`observe_range`) pick a clipping value T from them; the static scale is T / qmax:
+larger values arrive (bins merge exactly), a reservoir of sampled values and one of
+sampled rows. Observers pick a per-tensor clipping value T (`observe_range`; the static
+scale is T / qmax) or per-channel values (`channel_ranges`, from the sampled rows):
 
     min_max     T = max |x|
     percentile  T = the p-th percentile of |x| (histogram; per channel: reservoir)
@@ -23,6 +24,8 @@ from qcompile.recipes import Observer
 BINS = 2048
 RESERVOIR = 1 << 18
 PER_BATCH_SAMPLE = 1 << 14
+ROW_RESERVOIR = 512  # sampled rows [R, K], for per-channel ranges
+ROWS_PER_BATCH = 64
 MSE_RATIOS = torch.linspace(0.2, 1.0, 81)
 
 
@@ -32,6 +35,7 @@ class ActivationStats:
         self.hist = torch.zeros(BINS, dtype=torch.float64)
         self.range = 0.0  # histogram covers [0, range]
         self.reservoir = torch.empty(0)
+        self.rows = torch.empty(0)
         self.batches = 0
         self._gen = torch.Generator().manual_seed(0)
 
@@ -53,9 +57,16 @@ class ActivationStats:
             flat.numel(), (min(flat.numel(), PER_BATCH_SAMPLE),), generator=self._gen
         )
         self.reservoir = torch.cat([self.reservoir, flat[take]])
-        if self.reservoir.numel() > RESERVOIR:
+        if self.reservoir.numel() > 2 * RESERVOIR:  # amortized: one downsample per doubling
             keep = torch.randperm(self.reservoir.numel(), generator=self._gen)[:RESERVOIR]
             self.reservoir = self.reservoir[keep]
+        pick = torch.randint(
+            rows.shape[0], (min(rows.shape[0], ROWS_PER_BATCH),), generator=self._gen
+        )
+        self.rows = rows[pick] if self.rows.numel() == 0 else torch.cat([self.rows, rows[pick]])
+        if self.rows.shape[0] > 2 * ROW_RESERVOIR:
+            keep = torch.randperm(self.rows.shape[0], generator=self._gen)[:ROW_RESERVOIR]
+            self.rows = self.rows[keep]
         self.batches += 1
 
     def _grow(self, top: float) -> None:
@@ -109,6 +120,30 @@ def observe_range(
     raise ValueError(f"unknown observer {observer}")
 
 
-def channel_range(stats: ActivationStats) -> torch.Tensor:
-    """Per-channel max |x| [K] (what smoothing migrates)."""
-    return stats.channel_absmax
+def channel_ranges(
+    stats: ActivationStats, observer: Observer, dtype: torch.dtype, percentile: float | None
+) -> torch.Tensor:
+    """Per-channel clipping values [K]: exact for min_max, from sampled rows otherwise.
+
+    percentile: the per-channel percentile of |x| over the sampled rows; histogram and
+    mse: per channel, the candidate clip (a finer grid for histogram, the ratio grid for
+    mse) minimising the rows' quantization error.
+    """
+    top = stats.channel_absmax
+    if observer is Observer.MIN_MAX or stats.rows.numel() == 0:
+        return top.clone()
+    rows = stats.rows  # [R, K], |x|
+    if observer is Observer.PERCENTILE:
+        return torch.minimum(torch.quantile(rows, percentile / 100, dim=0), top)
+    grid = torch.linspace(1 / 16, 1, 241) if observer is Observer.HISTOGRAM else MSE_RATIOS
+    best_error = torch.full_like(top, float("inf"))
+    best = top.clone()
+    for ratio in grid:
+        clip = (top * ratio).clamp_min(1e-30)
+        scale = clip / qmax(dtype)
+        restored = _cast(rows / scale, dtype).to(torch.float32) * scale
+        error = (rows - restored).pow(2).mean(dim=0)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best = torch.where(better, clip, best)
+    return torch.where(top > 0, best, torch.zeros_like(top))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcompile.passes.observers import BINS, ActivationStats, observe_range
+from qcompile.passes.observers import BINS, ActivationStats, channel_ranges, observe_range
 from qcompile.recipes import Observer
 
 
@@ -39,10 +39,22 @@ def test_fp8_ranges_never_exceed_min_max(observer):
     assert 0 < observe_range(stats, observer, torch.float8_e4m3fn, 99.9) <= top
 
 
-def test_per_channel_range_is_exact():
+def test_per_channel_min_max_is_exact():
     stats = _outlier_stats()
-    assert stats.channel_absmax.shape == (96,)
-    assert stats.channel_absmax.argmax() == 7
+    ranges = channel_ranges(stats, Observer.MIN_MAX, torch.int8, None)
+    assert ranges.shape == (96,) and ranges.argmax() == 7
+    assert torch.equal(ranges, stats.channel_absmax)
+
+
+@pytest.mark.parametrize("observer", [Observer.PERCENTILE, Observer.HISTOGRAM, Observer.MSE])
+def test_per_channel_observers_clip_inside_each_channel(observer):
+    stats = _outlier_stats()
+    top = stats.channel_absmax
+    ranges = channel_ranges(stats, observer, torch.int8, 99.0)
+    assert ranges.shape == (96,) and torch.all(ranges <= top)
+    # Per channel the Gaussian tails get clipped too: measurably below max |x|.
+    assert (ranges / top).median() < 0.9
+    assert ranges.argmax() == 7  # the outlier channel keeps the widest range
 
 
 def test_histogram_growth_keeps_every_count():
