@@ -126,25 +126,12 @@ def _word_tokenizer(max_length: int):
 
 def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A FluxPipeline whose every component is tiny and built here."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import T5Config, T5EncoderModel
 
     vocab_size = len(TINY_VOCAB) + 3
     torch.manual_seed(seed)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            eos_token_id=2,
-            pad_token_id=0,
-            bos_token_id=0,
-        )
-    )
+    clip = _clip(vocab_size, 32, intermediate=37, heads=4)
     t5 = T5EncoderModel(
         T5Config(
             vocab_size=vocab_size,
@@ -158,19 +145,7 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
             decoder_start_token_id=0,
         )
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _vae(shift_factor=0.0609, scaling_factor=1.5035)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
@@ -185,15 +160,22 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     return pipe if dtype is torch.float32 else pipe.to(dtype)
 
 
-def _clip(vocab_size: int, hidden: int, projection: int | None = None):
+def _clip(
+    vocab_size: int,
+    hidden: int,
+    projection: int | None = None,
+    *,
+    intermediate: int | None = None,
+    heads: int = 2,
+):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=2,
-        num_attention_heads=2,
+        num_attention_heads=heads,
         max_position_embeddings=77,
         projection_dim=projection or hidden,
         eos_token_id=2,
@@ -204,7 +186,7 @@ def _clip(vocab_size: int, hidden: int, projection: int | None = None):
     return cls(config).eval()
 
 
-def _vae():
+def _vae(**config):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -217,6 +199,7 @@ def _vae():
         layers_per_block=1,
         norm_num_groups=8,
         sample_size=32,
+        **config,
     ).eval()
 
 
