@@ -19,7 +19,7 @@ import operator
 from torch import fx
 from torch.export import ExportedProgram
 
-from qcompile.passes.meta import LINEAR_FQN, SCHEME
+from qcompile.passes.meta import ACT_QUANT_SHARED_BY, LINEAR_FQN, SCHEME
 from qcompile.program import add_buffer, finalize, insert_call, remove_input, replace_node
 from qcompile.recipes import ActivationMode
 from qcompile.schemes import (
@@ -34,9 +34,6 @@ from qcompile.schemes import (
 )
 
 logger = logging.getLogger(__name__)
-
-# Node metadata: the quantize node an activation-quantized linear reads.
-ACT_QUANT_SHARED_BY = "qcompile_act_quant_consumers"
 
 
 def lower_linears(program: ExportedProgram, packed: dict[str, QuantizedWeight]) -> list[fx.Node]:

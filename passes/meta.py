@@ -4,3 +4,5 @@
 SCHEME = "qcompile_scheme"
 # Module FQN of the linear whose weight an aten.linear node reads.
 LINEAR_FQN = "qcompile_linear_fqn"
+# On an activation-quant node: FQNs of the linears that read its output.
+ACT_QUANT_SHARED_BY = "qcompile_act_quant_consumers"

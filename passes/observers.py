@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from qcompile.kernels.reference.act import _cast, qmax
+from qcompile.kernels.reference.act import fake_quantize, qmax
 from qcompile.recipes import Observer
 
 BINS = 2048
@@ -86,8 +86,7 @@ class ActivationStats:
 def _qdq_error(values: torch.Tensor, clip: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Mean squared error of symmetric quantization with clip value(s) `clip` [C, 1]."""
     scale = (clip / qmax(dtype)).clamp_min(1e-30)
-    restored = _cast(values[None, :] / scale, dtype).to(torch.float32) * scale
-    return (values[None, :] - restored).pow(2).mean(dim=1)
+    return (values[None, :] - fake_quantize(values[None, :], scale, dtype)).pow(2).mean(dim=1)
 
 
 def observe_range(
@@ -109,8 +108,7 @@ def observe_range(
         live = weights > 0
         values, weights = values[live], weights[live]
         candidates = torch.linspace(top / 16, top, 241)[:, None]
-        scale = candidates / qmax(dtype)
-        restored = _cast(values[None, :] / scale, dtype).to(torch.float32) * scale
+        restored = fake_quantize(values[None, :], candidates / qmax(dtype), dtype)
         error = ((values[None, :] - restored).pow(2) * weights[None, :]).sum(dim=1)
         return float(candidates[int(error.argmin()), 0])
     if observer is Observer.MSE:
@@ -140,9 +138,7 @@ def channel_ranges(
     best = top.clone()
     for ratio in grid:
         clip = (top * ratio).clamp_min(1e-30)
-        scale = clip / qmax(dtype)
-        restored = _cast(rows / scale, dtype).to(torch.float32) * scale
-        error = (rows - restored).pow(2).mean(dim=0)
+        error = (rows - fake_quantize(rows, clip / qmax(dtype), dtype)).pow(2).mean(dim=0)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best = torch.where(better, clip, best)

@@ -32,6 +32,11 @@ def _cast(scaled: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return scaled.clamp_(-limit, limit).to(dtype)
 
 
+def fake_quantize(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Quantize to `dtype` with `scale` and back, in float32 (what observers score)."""
+    return _cast(values / scale, dtype).to(torch.float32) * scale
+
+
 def quantize_act_static(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _cast(x.to(torch.float32) / scale.to(torch.float32), dtype)
 

@@ -199,7 +199,7 @@ qcompile.linear_int8_w8a8(i8[s0, s1, 64], f32[], i8[32, 64], f32[32], f32[32], t
 
 
 def test_tiny_flux_qkv_share_one_quantize_node():
-    from qcompile.passes.lower_linears import ACT_QUANT_SHARED_BY
+    from qcompile.passes.meta import ACT_QUANT_SHARED_BY
 
     model = tiny_flux()
     inputs = FLUX.example_inputs(model, torch.device("cpu"), torch.float32)
