@@ -87,11 +87,15 @@ def quantize(
         example_inputs = samples.samples[0]
     module.eval().requires_grad_(False)
     captured = _capture(module, family, example_inputs)
-    if captured is not None and samples is not None and example_inputs is None:
-        reason = CallMatcher(captured, guards=False).match((), dict(samples.samples[0]))
+    # Built once (it unlifts the whole program): lowering leaves the user inputs and
+    # torch.export's guards alone, so it serves observation and the runtime alike.
+    matcher = CallMatcher(captured) if captured is not None and samples is not None else None
+    if matcher is not None and example_inputs is None:
+        reason = matcher.match((), dict(samples.samples[0]))
         if isinstance(reason, str):  # the pipeline calls differently than synthesized
             logger.info("capturing from the first calibration sample (%s)", reason)
             captured = capture(module, samples.samples[0])
+            matcher = CallMatcher(captured)
     if captured is None:
         raise CaptureError(
             f"qcompile cannot synthesize inputs for {type(module).__name__}; pass "
@@ -103,11 +107,11 @@ def quantize(
     schemes = annotate_linears(program, recipe, excludes)
     input_scales = None
     if recipe.needs_calibration:
-        input_scales, _ = observe_activations(program, samples, CallMatcher(captured))
+        input_scales, _ = observe_activations(program, samples, matcher)
     packed = quantize_weights(program, input_scales)
     lower_linears(program, packed)
     _swap_linears(module, schemes, packed)
-    attach(module, captured, recipe, schemes, family)
+    attach(module, captured, recipe, schemes, family, matcher=matcher)
     return module
 
 
@@ -162,11 +166,12 @@ def attach(
     schemes: dict[str, LayerScheme],
     family: ModelFamily | None,
     hf_quantizer: Any = None,
+    matcher: CallMatcher | None = None,
 ) -> None:
     """Install the graph runtime and qcompile's state on a module with quantized linears."""
     runtime = None
     if captured is not None:
-        runtime = GraphRuntime(module, captured)
+        runtime = GraphRuntime(module, captured, matcher)
         module.forward = runtime
     family_name = family.name if family else None
     state = QuantizationState(recipe, family_name, schemes, _count_linears(module), runtime)

@@ -141,11 +141,13 @@ class CallMatcher:
 class GraphRuntime:
     """Callable installed as `module.forward`; see the module docstring."""
 
-    def __init__(self, module: nn.Module, captured: Capture) -> None:
+    def __init__(
+        self, module: nn.Module, captured: Capture, matcher: CallMatcher | None = None
+    ) -> None:
         program = captured.program
         self.module = module
         self.program = program
-        self.matcher = CallMatcher(captured)
+        self.matcher = matcher or CallMatcher(captured)
         self.output_type = captured.output_type
         self.output_fields = captured.output_fields
         self.graph_enabled = True
