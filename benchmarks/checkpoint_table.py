@@ -10,8 +10,6 @@ program re-attached, first call included.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -81,14 +79,9 @@ def main() -> None:
             f"{r['save_s']:7.2f} {r['reload_s']:8.2f} {r['path']}"
         )
     if args.json:
-        meta = dict(
-            torch=torch.__version__,
-            python=platform.python_version(),
-            device="CPU",
-            date=time.strftime("%Y-%m-%d"),
-            command="python benchmarks/checkpoint_table.py --json " + args.json,
-        )
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        from results import write_results
+
+        write_results(args.json, {"rows": rows})
 
 
 if __name__ == "__main__":

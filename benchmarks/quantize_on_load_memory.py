@@ -114,20 +114,9 @@ def main() -> None:
             f"model {r['model_bytes'] / mib:8.1f} MiB, {r['seconds']:.2f} s"
         )
     if args.json:
-        import platform
-        import time
+        from results import write_results
 
-        import torch
-
-        info["meta"] = dict(
-            torch=torch.__version__,
-            python=platform.python_version(),
-            device="CPU",
-            date=time.strftime("%Y-%m-%d"),
-            command=f"python benchmarks/quantize_on_load_memory.py --layers {args.layers} "
-            f"--json {args.json}",
-        )
-        Path(args.json).write_text(json.dumps(info, indent=2))
+        write_results(args.json, info)
 
 
 if __name__ == "__main__":

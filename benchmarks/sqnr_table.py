@@ -11,8 +11,6 @@ Static-activation presets are calibrated on 4 batch-2 inputs of other seeds.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import torch
@@ -81,16 +79,9 @@ def main() -> None:
             f"{size:>22} {r['quantize_s']:5.1f} {r['path']}"
         )
     if args.json:
-        meta = dict(
-            torch=torch.__version__,
-            python=platform.python_version(),
-            machine=platform.machine(),
-            device="CPU",
-            date=time.strftime("%Y-%m-%d"),
-            command=f"python benchmarks/sqnr_table.py --json {args.json}",
-        )
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        from results import write_results
+
+        write_results(args.json, {"rows": rows})
 
 
 if __name__ == "__main__":
