@@ -2,11 +2,13 @@
 
 Public API (everything else is internal and may change):
 
-    quantize(module, recipe, calibration=None, *, example_inputs=None) -> module
+    quantize(module, recipe, calibration=None, *, example_inputs=None,
+             skip_nonfinite=False) -> module
+    capture_calibration(pipe, module, prompts, ...) -> CalibrationSet
     save(module, dir), load(dir) -> ExportedProgram, dequantize(module)
     QCompileConfig — for from_pretrained(quantization_config=...) and pipelines
-    Recipe, WeightSpec, ActivationSpec, LayerScheme, WeightFormat, Granularity,
-    ActivationMode, list_recipes, get_recipe
+    Recipe, WeightSpec, ActivationSpec, LayerScheme, WeightFormat, ActivationFormat,
+    Granularity, ActivationMode, Observer, list_recipes, get_recipe
     runtime_of(module)  — the graph runtime of a quantized module (path statistics)
     sqnr, weight_bytes  — measures
     QCompileError and its subclasses
