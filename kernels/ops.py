@@ -144,3 +144,108 @@ def linear_fp8_w8a8(
 
 
 linear_fp8_w8a8.register_fake(_w8a8_fake)
+
+
+# ---------------------------------------------------------------- 4-bit, SVDQuant
+
+
+def _w4_fake(x, weight, weight_scale, weight_global_scale, bias, lora_down, lora_up, fmt, g):
+    torch._check(fmt in reference.w4.FORMATS, lambda: f"qcompile: unknown 4-bit format {fmt!r}")
+    groups = -(-x.shape[-1] // g)
+    _check_linear(
+        f"{fmt} linear", x, weight, weight_scale, groups * g // 2, weight.shape[0] * groups
+    )
+    if lora_down is not None:
+        torch._check(
+            lora_up is not None
+            and lora_down.shape[1] == x.shape[-1]
+            and lora_up.shape == (weight.shape[0], lora_down.shape[0]),
+            lambda: (
+                f"qcompile: low-rank branch {tuple(lora_down.shape)} / "
+                f"{None if lora_up is None else tuple(lora_up.shape)} does not fit "
+                f"x [..., {x.shape[-1]}] and N={weight.shape[0]}"
+            ),
+        )
+    return _empty_output(x, weight)
+
+
+@torch.library.custom_op("qcompile::linear_w4a16", mutates_args=())
+def linear_w4a16(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    weight_global_scale: Tensor | None,
+    bias: Tensor | None,
+    lora_down: Tensor | None,
+    lora_up: Tensor | None,
+    fmt: str,
+    group_size: int,
+) -> Tensor:
+    """y = x · Q(W)ᵀ + (x · downᵀ) · upᵀ + b; 4-bit weight (int4/mxfp4/nvfp4), 16-bit x."""
+    return reference.w4.linear_w4a16(
+        x, weight, weight_scale, weight_global_scale, bias, lora_down, lora_up, fmt, group_size
+    )
+
+
+@linear_w4a16.register_fake
+def _(x, weight, weight_scale, weight_global_scale, bias, lora_down, lora_up, fmt, group_size):
+    return _w4_fake(
+        x, weight, weight_scale, weight_global_scale, bias, lora_down, lora_up, fmt, group_size
+    )
+
+
+@torch.library.custom_op("qcompile::linear_w4a4", mutates_args=())
+def linear_w4a4(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    weight_global_scale: Tensor | None,
+    bias: Tensor | None,
+    smooth: Tensor | None,
+    lora_down: Tensor | None,
+    lora_up: Tensor | None,
+    fmt: str,
+    group_size: int,
+) -> Tensor:
+    """SVDQuant in one op: x_s = x / smooth; y = Q(x_s) · Q(R)ᵀ + (x_s · downᵀ) · upᵀ + b."""
+    return reference.w4.linear_w4a4(
+        x,
+        weight,
+        weight_scale,
+        weight_global_scale,
+        bias,
+        smooth,
+        lora_down,
+        lora_up,
+        fmt,
+        group_size,
+    )
+
+
+@linear_w4a4.register_fake
+def _(
+    x, weight, weight_scale, weight_global_scale, bias, smooth, lora_down, lora_up, fmt, group_size
+):
+    if smooth is not None:
+        torch._check(
+            smooth.shape == (x.shape[-1],),
+            lambda: f"qcompile: smooth {tuple(smooth.shape)} does not fit x [..., {x.shape[-1]}]",
+        )
+    return _w4_fake(
+        x, weight, weight_scale, weight_global_scale, bias, lora_down, lora_up, fmt, group_size
+    )
+
+
+@torch.library.custom_op("qcompile::smooth", mutates_args=())
+def smooth(x: Tensor, factors: Tensor) -> Tensor:
+    """x / factors (per input channel, float32 math) in x.dtype.
+
+    Appears only between the `smooth` pass and lowering, which folds it into the
+    4-bit linear that reads it.
+    """
+    return (x.to(torch.float32) / factors.to(torch.float32)).to(x.dtype)
+
+
+@smooth.register_fake
+def _(x, factors):
+    return torch.empty_like(x)

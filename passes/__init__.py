@@ -1,11 +1,21 @@
 """FX passes over an ExportedProgram; one transform per file, edited in place.
 
-Order: `annotate_linears` → `quantize_weights` → `lower_linears`.
+Order: `annotate_linears` → (`observe_activations`) → `smooth` → `fold_lowrank` →
+`quantize_weights` → `lower_linears`.
 """
 
 from qcompile.passes.annotate_linears import annotate_linears
+from qcompile.passes.fold_lowrank import fold_lowrank
 from qcompile.passes.lower_linears import lower_linears
 from qcompile.passes.meta import SCHEME
 from qcompile.passes.quantize_weights import quantize_weights
+from qcompile.passes.smooth import smooth
 
-__all__ = ["SCHEME", "annotate_linears", "lower_linears", "quantize_weights"]
+__all__ = [
+    "SCHEME",
+    "annotate_linears",
+    "fold_lowrank",
+    "lower_linears",
+    "quantize_weights",
+    "smooth",
+]

@@ -50,9 +50,10 @@ def annotate_linears(
     schemes: dict[str, LayerScheme] = {}
     for node, fqn in linears.items():
         if recipe.selects(fqn, extra_excludes):
-            node.meta[SCHEME] = recipe.scheme
+            scheme = recipe.scheme_for(*node.args[1].meta["val"].shape)
+            node.meta[SCHEME] = scheme
             node.meta[LINEAR_FQN] = fqn
-            schemes[fqn] = recipe.scheme
+            schemes[fqn] = scheme
     if not schemes:
         names = sorted(set(linears.values()))
         shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")

@@ -5,7 +5,10 @@ from FQN-named buffers (`<fqn>.weight`, `<fqn>.weight_scale`, `<fqn>.input_scale
 that are also the checkpoint's keys and the eager module's buffers. With quantized
 activations, the activation is quantized by an explicit op, once per tensor and
 scheme: q/k/v projections that read one normalized tensor share one quantize node — a
-graph-level saving a module-swapping tool cannot make.
+graph-level saving a module-swapping tool cannot make. A 4-bit linear becomes exactly
+one op (`linear_w4a4` / `linear_w4a16`) that also absorbs what `smooth` and
+`fold_lowrank` inserted: the `qcompile.smooth` division and the low-rank branch
+(down linear, up linear, add), so the branch is added before the single output write.
 Pre: `annotate_linears` and `quantize_weights` have run. Post: no annotated
 `aten.linear` is left; each float weight parameter they read is replaced by buffers
 holding the packed tensors; the program validates.
@@ -19,8 +22,16 @@ import operator
 from torch import fx
 from torch.export import ExportedProgram
 
-from qcompile.passes.meta import ACT_QUANT_SHARED_BY, LINEAR_FQN, SCHEME
-from qcompile.program import add_buffer, finalize, insert_call, remove_input, replace_node
+from qcompile.passes.meta import ACT_QUANT_SHARED_BY, LINEAR_FQN, LOWRANK_OF, SCHEME
+from qcompile.passes.smooth import SMOOTH_OP
+from qcompile.program import (
+    add_buffer,
+    buffer_node,
+    finalize,
+    insert_call,
+    remove_input,
+    replace_node,
+)
 from qcompile.recipes import ActivationMode
 from qcompile.schemes import (
     INPUT_SCALE,
@@ -30,6 +41,8 @@ from qcompile.schemes import (
     WEIGHT_SCALE,
     QuantizedWeight,
     activation_impl,
+    fused_call,
+    fused_op,
     weight_format_impl,
 )
 
@@ -54,7 +67,10 @@ def lower_linears(program: ExportedProgram, packed: dict[str, QuantizedWeight]) 
         for node in linears:
             node.args = (node.args[0], None, *node.args[2:])
         remove_input(program, weight_node)
-        added = {name: add_buffer(program, f"{fqn}.{name}", t) for name, t in packed[fqn].items()}
+        added = {
+            name: buffer_node(program, f"{fqn}.{name}") or add_buffer(program, f"{fqn}.{name}", t)
+            for name, t in packed[fqn].items()
+        }
         for node in linears:
             buffers[node] = added
     quantized_inputs = _quantize_activations(program, buffers)
@@ -62,7 +78,9 @@ def lower_linears(program: ExportedProgram, packed: dict[str, QuantizedWeight]) 
     for node, nodes in buffers.items():
         scheme, fqn = node.meta[SCHEME], node.meta[LINEAR_FQN]
         x, bias = node.args[0], node.args[2] if len(node.args) > 2 else None
-        if scheme.activation.quantized:
+        if fused_op(scheme) is not None:
+            new = _lower_fused(program, node, nodes, bias)
+        elif scheme.activation.quantized:
             x_q, x_scale = quantized_inputs[node]
             gemm = activation_impl(scheme.activation).gemm
             out_dtype = node.meta["val"].dtype
@@ -83,6 +101,33 @@ def lower_linears(program: ExportedProgram, packed: dict[str, QuantizedWeight]) 
     return lowered
 
 
+def _lower_fused(
+    program: ExportedProgram, node: fx.Node, buffers: dict[str, fx.Node], bias: fx.Node | None
+) -> fx.Node:
+    """linear [+ smooth before, + low-rank branch after] → one 4-bit op."""
+    scheme, fqn = node.meta[SCHEME], node.meta[LINEAR_FQN]
+    x = node.args[0]
+    if scheme.smooth:
+        if x.target is not SMOOTH_OP:
+            raise RuntimeError(f"{fqn}: smoothed scheme but no smooth node; run `smooth` first")
+        x = x.args[0]
+    last, branch = node, []
+    if scheme.rank:
+        add = next((u for u in node.users if u.meta.get(LOWRANK_OF) == fqn), None)
+        if add is None:
+            raise RuntimeError(f"{fqn}: scheme has a rank but no branch; run `fold_lowrank`")
+        up = add.args[1]
+        last, branch = add, [up, up.args[0]]
+    op, args = fused_call(scheme, x, buffers, bias)
+    smoothed = node.args[0]
+    new = replace_node(program, last, op, args)
+    for dead in (*branch, *([node] if last is not node else [])):
+        program.graph.erase_node(dead)
+    if smoothed.target is SMOOTH_OP and not smoothed.users:
+        program.graph.erase_node(smoothed)
+    return new
+
+
 def _quantize_activations(
     program: ExportedProgram, buffers: dict[fx.Node, dict[str, fx.Node]]
 ) -> dict[fx.Node, tuple[fx.Node, fx.Node]]:
@@ -90,7 +135,7 @@ def _quantize_activations(
     groups: dict[tuple, list[fx.Node]] = {}
     for node in buffers:
         activation = node.meta[SCHEME].activation
-        if activation.quantized:
+        if activation.quantized and fused_op(node.meta[SCHEME]) is None:
             groups.setdefault((node.args[0], activation), []).append(node)
     order = {n: i for i, n in enumerate(program.graph.nodes)}
     result = {}

@@ -6,3 +6,5 @@ SCHEME = "qcompile_scheme"
 LINEAR_FQN = "qcompile_linear_fqn"
 # On an activation-quant node: FQNs of the linears that read its output.
 ACT_QUANT_SHARED_BY = "qcompile_act_quant_consumers"
+# On the nodes of a linear's low-rank branch (down, up, add): the linear's FQN.
+LOWRANK_OF = "qcompile_lowrank_of"

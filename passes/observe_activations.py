@@ -1,12 +1,14 @@
-"""Run the calibration set through the program and set static activation scales.
+"""Run the calibration set through the program: static activation scales, statistics.
 
 Why: static activation scales must come from real inputs, and they belong to the
 tensor a linear reads, not to the linear: q/k/v projections that read one normalized
 tensor share one observer (and so one scale), which is what lets lowering quantize
 that tensor once. Nothing is baked into the graph: an `fx.Interpreter` records the
 statistics of the observed nodes' values, keyed by the linears' FQNs.
+The same statistics (per-channel max, a row reservoir) feed smoothing.
 Pre: `annotate_linears` has run on a float program. Post: the program is unchanged;
-returns {linear FQN: input scale (float32 scalar)} for linears with static activations.
+returns {linear FQN: input scale (float32 scalar)} for linears with static activations
+and {linear FQN: ActivationStats} for those and the smoothed ones.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ def observe_activations(
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in program.graph.nodes:
         scheme = node.meta.get(SCHEME)
-        if scheme is not None and scheme.activation.mode is ActivationMode.STATIC:
+        if scheme is not None and (
+            scheme.activation.mode is ActivationMode.STATIC or scheme.smooth
+        ):
             groups.setdefault(node.args[0], []).append(node)
     if not groups:
         return {}, {}
@@ -89,17 +93,21 @@ def observe_activations(
     scales: dict[str, torch.Tensor] = {}
     by_fqn: dict[str, ActivationStats] = {}
     for x, consumers in groups.items():
-        activation = consumers[0].meta[SCHEME].activation
+        for consumer in consumers:
+            by_fqn[consumer.meta[LINEAR_FQN]] = stats[x]
+        static = [c for c in consumers if c.meta[SCHEME].activation.mode is ActivationMode.STATIC]
+        if not static:
+            continue
+        activation = static[0].meta[SCHEME].activation
         dtype = activation_impl(activation).dtype
         clip = observe_range(stats[x], activation.observer, dtype, activation.percentile)
         scale = absmax_scale(torch.tensor(clip), qmax(dtype))  # all-zero input → scale 1
-        for consumer in consumers:  # one value, but each linear owns its buffer
+        for consumer in static:  # one value, but each linear owns its buffer
             scales[consumer.meta[LINEAR_FQN]] = scale.clone()
-            by_fqn[consumer.meta[LINEAR_FQN]] = stats[x]
     logger.info(
         "observe_activations: %d observers for %d linears over %d samples",
         len(groups),
-        len(scales),
+        len(by_fqn),
         used,
     )
     return scales, by_fqn

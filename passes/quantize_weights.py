@@ -3,8 +3,11 @@
 Why: packing is the expensive, format-specific step; doing it once per linear FQN
 (shared weights are packed once) and handing the result to `lower_linears` keeps the
 graph surgery format-agnostic.
-Pre: `annotate_linears` has run. Post: the program is unchanged; the returned table
-maps each linear FQN to its packed tensors (e.g. `weight`, `weight_scale`).
+Pre: `annotate_linears` has run (and `smooth` / `fold_lowrank` where the scheme asks:
+the linear then reads the residual, which is what gets packed). Post: the program is
+unchanged; the returned table maps each linear FQN to the tensors its quantized module
+owns (`weight`, `weight_scale`, ..., and the `smooth` / `lora_*` buffers those passes
+added).
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ from qcompile.errors import WeightError
 from qcompile.memory import release_freed_memory
 from qcompile.passes.meta import LINEAR_FQN, SCHEME
 from qcompile.program import state_tensor
-from qcompile.schemes import INPUT_SCALE, QuantizedWeight, tensor_names, weight_format_impl
+from qcompile.schemes import (
+    INPUT_SCALE,
+    LORA_DOWN,
+    LORA_UP,
+    SMOOTH,
+    QuantizedWeight,
+    tensor_names,
+    weight_format_impl,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +67,14 @@ def quantize_weights(
                     "calibration= or use a dynamic recipe"
                 )
             packed[fqn][INPUT_SCALE] = input_scales[fqn].detach().to(torch.float32).reshape(())
+        for name in (SMOOTH, LORA_DOWN, LORA_UP):
+            if name in tensor_names(scheme):
+                if f"{fqn}.{name}" not in program.state_dict:
+                    raise WeightError(
+                        f"{fqn}: scheme needs {name!r}; run the smooth / fold_lowrank passes "
+                        "before quantize_weights"
+                    )
+                packed[fqn][name] = program.state_dict[f"{fqn}.{name}"]
         release_freed_memory()
     logger.info("quantize_weights: packed %d linears", len(packed))
     return packed

@@ -23,7 +23,13 @@ from qcompile.capture import Capture, capture
 from qcompile.errors import CaptureError, NoLinearSelectedError, QCompileError, RecipeError
 from qcompile.families import ModelFamily, detect_family
 from qcompile.modules import QuantizedLinear
-from qcompile.passes import annotate_linears, lower_linears, quantize_weights
+from qcompile.passes import (
+    annotate_linears,
+    fold_lowrank,
+    lower_linears,
+    quantize_weights,
+    smooth,
+)
 from qcompile.passes.observe_activations import observe_activations
 from qcompile.recipes import LayerScheme, Recipe, resolve_recipe
 from qcompile.runtime import CallMatcher, GraphRuntime, runtime_of
@@ -62,8 +68,9 @@ def quantize(
 
     `calibration` — a `CalibrationSet` from `capture_calibration`, a list of forward
     kwargs dicts, or a saved set's path — is required by recipes with static activation
-    scales (int8-w8a8, fp8-w8a8). NaN/Inf in it is an error naming the sample and input,
-    or, with `skip_nonfinite=True`, such samples are dropped with a warning.
+    scales (int8-w8a8, fp8-w8a8) or smoothing (svdq-w4a4, svdq-nvfp4). NaN/Inf in it
+    is an error naming the sample and input, or, with `skip_nonfinite=True`, such
+    samples are dropped with a warning.
     """
     recipe = resolve_recipe(recipe)
     if not isinstance(module, nn.Module):
@@ -79,9 +86,10 @@ def quantize(
         samples = as_calibration_set(calibration).check_finite(skip_nonfinite)
     elif recipe.needs_calibration:
         raise RecipeError(
-            f"recipe {recipe.name!r} has static activation scales: pass calibration= "
-            "(see qcompile.capture_calibration) or use a dynamic preset such as "
-            "'fp8-dynamic' or 'int8-dynamic'"
+            f"recipe {recipe.name!r} has static activation scales or smoothing, which "
+            "come from calibration data: pass calibration= (see "
+            "qcompile.capture_calibration) or use a preset without them such as "
+            "'fp8-dynamic', 'nvfp4' or 'svdq-w4a16'"
         )
     if example_inputs is None and samples is not None and family is None:
         example_inputs = samples.samples[0]
@@ -107,7 +115,11 @@ def quantize(
     schemes = annotate_linears(program, recipe, excludes)
     input_scales = None
     if recipe.needs_calibration:
-        input_scales, _ = observe_activations(program, samples, matcher)
+        input_scales, stats = observe_activations(program, samples, matcher)
+        if recipe.smooth is not None:
+            smooth(program, stats, recipe.smooth)
+    if recipe.rank:
+        fold_lowrank(program)
     packed = quantize_weights(program, input_scales)
     lower_linears(program, packed)
     _swap_linears(module, schemes, packed)
@@ -146,7 +158,11 @@ def select_linears(module: nn.Module, recipe: Recipe) -> dict[str, LayerScheme]:
     family = detect_family(module)
     excludes = family.default_excludes if family is not None and recipe.family_excludes else ()
     linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-    selected = {n: recipe.scheme for n in linears if recipe.selects(n, excludes)}
+    selected = {
+        n: recipe.scheme_for(m.out_features, m.in_features)
+        for n, m in module.named_modules()
+        if isinstance(m, nn.Linear) and recipe.selects(n, excludes)
+    }
     if not selected:
         raise NoLinearSelectedError(
             f"recipe {recipe.name!r} selects none of {type(module).__name__}'s "

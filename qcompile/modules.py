@@ -10,15 +10,25 @@ import torch
 from torch import nn
 
 from qcompile.recipes import LayerScheme
-from qcompile.schemes import BIAS, QuantizedWeight, linear, tensor_names, weight_format_impl
+from qcompile.schemes import (
+    BIAS,
+    FLOAT_TENSORS,
+    LORA_DOWN,
+    LORA_UP,
+    SMOOTH,
+    QuantizedWeight,
+    linear,
+    tensor_names,
+    weight_format_impl,
+)
 
 
 class QuantizedLinear(nn.Module):
     """A linear whose weight is packed; forward calls the scheme's ``qcompile::`` op.
 
-    Packed weights and scales are buffers that keep their dtype under ``module.to(dtype)``
-    (only their device follows); the bias stays a float parameter and follows the
-    model's dtype like any other.
+    Packed weights, scales and smoothing factors are buffers that keep their dtype under
+    ``module.to(dtype)`` (only their device follows); the bias (a parameter) and the
+    16-bit low-rank branch (`lora_down`, `lora_up`) follow the model's dtype.
     """
 
     def __init__(
@@ -50,12 +60,19 @@ class QuantizedLinear(nn.Module):
         return linear(x, self.quantized_tensors, self.bias, self.scheme)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float32 weight [N, K] this layer computes with."""
+        """The float32 weight [N, K] this layer computes with (branch and smoothing
+        folded back in)."""
         impl = weight_format_impl(self.scheme.weight)
-        return impl.dequantize(self.quantized_tensors, self.scheme.weight, self.in_features)
+        weight = impl.dequantize(self.quantized_tensors, self.scheme.weight, self.in_features)
+        if self.scheme.rank:
+            up, down = getattr(self, LORA_UP).float(), getattr(self, LORA_DOWN).float()
+            weight = weight + up @ down
+        if self.scheme.smooth:
+            weight = weight / getattr(self, SMOOTH)
+        return weight
 
     def _apply(self, fn, recurse=True):
-        packed = {name: self._buffers[name] for name in self.quantized_names}
+        packed = {n: self._buffers[n] for n in self.quantized_names if n not in FLOAT_TENSORS}
         for name in packed:
             self._buffers[name] = None  # nn.Module._apply skips None buffers
         try:
@@ -75,7 +92,10 @@ class QuantizedLinear(nn.Module):
         group = f", group_size={w.group_size}" if w.group_size else ""
         a = self.scheme.activation
         act = f", activations={a.format.value} {a.mode.value}" if a.quantized else ""
+        svd = (", smooth" if self.scheme.smooth else "") + (
+            f", rank={self.scheme.rank}" if self.scheme.rank else ""
+        )
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"weight={w.format.value}{group}{act}, bias={self.bias is not None}"
+            f"weight={w.format.value}{group}{act}{svd}, bias={self.bias is not None}"
         )

@@ -44,6 +44,35 @@ def state_tensor(program: ExportedProgram, node: fx.Node) -> torch.Tensor | None
     return None
 
 
+def buffer_node(program: ExportedProgram, target: str) -> fx.Node | None:
+    """The placeholder of parameter/buffer `target` (an FQN), or None."""
+    for spec in program.graph_signature.input_specs:
+        if spec.target == target and spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            return placeholders(program)[spec.arg.name]
+    return None
+
+
+def swap_input(program: ExportedProgram, node: fx.Node, tensor: torch.Tensor) -> fx.Node:
+    """Replace parameter/buffer placeholder `node` by a buffer of the same FQN holding
+    `tensor` (same users); return the new placeholder. The old tensor is not touched."""
+    spec = input_spec_of(program, node)
+    program.graph_signature.input_specs.remove(spec)
+    del program.state_dict[spec.target]
+    new = add_buffer(program, spec.target, tensor)
+    node.replace_all_uses_with(new)
+    program.graph.erase_node(node)
+    return new
+
+
+def redirect_uses(program: ExportedProgram, old: fx.Node, new: fx.Node) -> None:
+    """Make every user of `old` but `new` itself (and the graph outputs) read `new`."""
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    specs = program.graph_signature.output_specs
+    for i, spec in enumerate(specs):
+        if isinstance(spec.arg, TensorArgument) and spec.arg.name == old.name:
+            specs[i] = dataclasses.replace(spec, arg=TensorArgument(new.name))
+
+
 def add_buffer(program: ExportedProgram, target: str, tensor: torch.Tensor) -> fx.Node:
     """Add a persistent buffer `target` (an FQN) as a placeholder before the user inputs."""
     if target in program.state_dict:

@@ -19,12 +19,16 @@ from qcompile.errors import RecipeError
 RECIPE_VERSION = 1
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_INT4_GROUP_SIZE = 64
+DEFAULT_RANK = 32
+MAX_RANK = 1024
 
 
 class WeightFormat(str, Enum):
     INT8 = "int8"
     FP8_E4M3 = "fp8_e4m3"
     INT4 = "int4"
+    MXFP4 = "mxfp4"  # e2m1 values, e8m0 scale per 32 (OCP MX)
+    NVFP4 = "nvfp4"  # e2m1 values, e4m3 scale per 16, float32 per-tensor scale
 
 
 class Granularity(str, Enum):
@@ -43,6 +47,15 @@ class ActivationMode(str, Enum):
 class ActivationFormat(str, Enum):
     INT8 = "int8"
     FP8_E4M3 = "fp8_e4m3"
+    INT4 = "int4"  # 4-bit activations are dynamic, per group of the weight's group size
+    MXFP4 = "mxfp4"
+    NVFP4 = "nvfp4"
+
+
+# Block size of the FP4 formats: fixed by the format, not a choice.
+FP4_BLOCK = {WeightFormat.MXFP4: 32, WeightFormat.NVFP4: 16}
+FOUR_BIT_WEIGHTS = (WeightFormat.INT4, WeightFormat.MXFP4, WeightFormat.NVFP4)
+FOUR_BIT_ACTIVATIONS = (ActivationFormat.INT4, ActivationFormat.MXFP4, ActivationFormat.NVFP4)
 
 
 class Observer(str, Enum):
@@ -65,7 +78,18 @@ class WeightSpec:
         object.__setattr__(
             self, "granularity", _enum(Granularity, self.granularity, "weight.granularity")
         )
-        if self.format is WeightFormat.INT4:
+        if self.format in FP4_BLOCK:
+            block = FP4_BLOCK[self.format]
+            if self.granularity is not Granularity.PER_GROUP or self.group_size not in (
+                None,
+                block,
+            ):
+                raise RecipeError(
+                    f"{self.format.value} weights are per_group with group_size {block}; got "
+                    f"granularity={self.granularity.value!r}, group_size={self.group_size!r}"
+                )
+            object.__setattr__(self, "group_size", block)
+        elif self.format is WeightFormat.INT4:
             if self.granularity is not Granularity.PER_GROUP:
                 raise RecipeError("int4 weights need granularity 'per_group'")
             if self.group_size not in INT4_GROUP_SIZES:
@@ -107,7 +131,14 @@ class ActivationSpec:
         object.__setattr__(
             self, "format", _enum(ActivationFormat, self.format, "activation.format")
         )
+        four_bit = self.format in FOUR_BIT_ACTIVATIONS
+        if four_bit and mode is ActivationMode.STATIC:
+            raise RecipeError(
+                f"{self.format.value} activations are dynamic (a scale per group, computed "
+                "on every call); use mode 'dynamic'"
+            )
         want = Granularity.PER_TENSOR if mode is ActivationMode.STATIC else Granularity.PER_ROW
+        want = Granularity.PER_GROUP if four_bit else want
         granularity = _enum(Granularity, self.granularity or want, "activation.granularity")
         if granularity is not want:
             raise RecipeError(
@@ -134,11 +165,44 @@ class ActivationSpec:
 
 
 @dataclass(frozen=True)
+class SmoothSpec:
+    """SVDQuant/SmoothQuant smoothing: s = max|x|^alpha / max|W|^(1 - alpha) per channel.
+
+    With `search`, each layer picks the alpha of the grid that minimizes its output
+    error on at most `search_rows` cached calibration rows (docs/svdquant.md states the
+    time and memory this costs); `alpha` is then only the fallback.
+    """
+
+    alpha: float = 0.5
+    search: tuple[float, ...] = ()
+    search_rows: int = 256
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "search", tuple(self.search))
+        for value in (self.alpha, *self.search):
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise RecipeError(f"smooth alpha values must be in [0, 1], got {value!r}")
+        if len(self.search) > 16:
+            raise RecipeError(f"smooth.search takes at most 16 alphas, got {len(self.search)}")
+        if not (isinstance(self.search_rows, int) and 1 <= self.search_rows <= 4096):
+            raise RecipeError(
+                f"smooth.search_rows must be an int in [1, 4096], got {self.search_rows!r}"
+            )
+
+
+@dataclass(frozen=True)
 class LayerScheme:
-    """What one linear layer becomes: the per-layer entry of a quantized model."""
+    """What one linear layer becomes: the per-layer entry of a quantized model.
+
+    `smooth`: the layer's input is divided by a per-channel `<fqn>.smooth` before it is
+    quantized; `rank`: the layer keeps a 16-bit rank-`rank` branch
+    (`<fqn>.lora_down` [rank, K], `<fqn>.lora_up` [N, rank]).
+    """
 
     weight: WeightSpec
     activation: ActivationSpec = field(default_factory=ActivationSpec)
+    smooth: bool = False
+    rank: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
@@ -148,6 +212,8 @@ class LayerScheme:
         return cls(
             weight=WeightSpec(**data["weight"]),
             activation=ActivationSpec(**data.get("activation", {})),
+            smooth=bool(data.get("smooth", False)),
+            rank=int(data.get("rank", 0)),
         )
 
 
@@ -164,6 +230,8 @@ class Recipe:
     name: str
     weight: WeightSpec
     activation: ActivationSpec = field(default_factory=ActivationSpec)
+    smooth: SmoothSpec | None = None
+    rank: int = 0  # SVD low-rank branch (0: none)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     family_excludes: bool = True
@@ -176,6 +244,8 @@ class Recipe:
             object.__setattr__(self, "weight", WeightSpec(**self.weight))
         if isinstance(self.activation, dict):
             object.__setattr__(self, "activation", ActivationSpec(**self.activation))
+        if isinstance(self.smooth, dict):
+            object.__setattr__(self, "smooth", SmoothSpec(**self.smooth))
         for attr in ("include", "exclude"):
             value = getattr(self, attr)
             if isinstance(value, str) or not all(isinstance(g, str) for g in value):
@@ -193,20 +263,39 @@ class Recipe:
     def _check_pairing(self) -> None:
         if self.activation.quantized:
             pair = (self.weight.format, self.activation.format)
-            if pair not in _W8A8_PAIRS:
+            if pair not in _PAIRS:
                 raise RecipeError(
                     f"{self.weight.format.value} weights cannot pair with "
                     f"{self.activation.format.value} activations; supported: "
-                    + ", ".join(f"{w.value}+{a.value}" for w, a in _W8A8_PAIRS)
+                    + ", ".join(f"{w.value}+{a.value}" for w, a in _PAIRS)
                 )
+        if not (isinstance(self.rank, int) and 0 <= self.rank <= MAX_RANK):
+            raise RecipeError(f"recipe.rank must be an int in [0, {MAX_RANK}], got {self.rank!r}")
+        if self.rank and self.weight.format not in FOUR_BIT_WEIGHTS:
+            raise RecipeError(
+                f"a low-rank branch (rank={self.rank}) pairs with 4-bit weights "
+                f"(int4, mxfp4, nvfp4), not {self.weight.format.value}; set rank=0"
+            )
+        if self.smooth is not None and self.activation.format not in FOUR_BIT_ACTIVATIONS:
+            raise RecipeError(
+                "smoothing moves activation outliers into the weights before the activation "
+                "is quantized; it needs 4-bit dynamic activations (int4, mxfp4, nvfp4). "
+                "Drop smooth= or quantize the activations"
+            )
 
     @property
     def needs_calibration(self) -> bool:
-        return self.activation.mode is ActivationMode.STATIC
+        """Static scales and smoothing factors both come from calibration data."""
+        return self.activation.mode is ActivationMode.STATIC or self.smooth is not None
 
     @property
     def scheme(self) -> LayerScheme:
-        return LayerScheme(weight=self.weight, activation=self.activation)
+        return LayerScheme(self.weight, self.activation, self.smooth is not None, self.rank)
+
+    def scheme_for(self, out_features: int, in_features: int) -> LayerScheme:
+        """The scheme of one N×K layer: the rank is capped at min(N, K) // 4."""
+        rank = min(self.rank, min(out_features, in_features) // 4)
+        return dataclasses.replace(self.scheme, rank=rank)
 
     def selects(self, fqn: str, extra_excludes: tuple[str, ...] = ()) -> bool:
         if not any(fnmatch.fnmatchcase(fqn, glob) for glob in self.include):
@@ -270,9 +359,12 @@ def resolve_recipe(recipe: str | Recipe) -> Recipe:
     raise RecipeError(f"recipe must be a preset name or a qcompile.Recipe, got {type(recipe)!r}")
 
 
-_W8A8_PAIRS = (
+_PAIRS = (
     (WeightFormat.INT8, ActivationFormat.INT8),
     (WeightFormat.FP8_E4M3, ActivationFormat.FP8_E4M3),
+    (WeightFormat.INT4, ActivationFormat.INT4),
+    (WeightFormat.MXFP4, ActivationFormat.MXFP4),
+    (WeightFormat.NVFP4, ActivationFormat.NVFP4),
 )
 
 
@@ -329,5 +421,33 @@ register_recipe(
         "int8-dynamic",
         WeightSpec(WeightFormat.INT8),
         ActivationSpec(ActivationMode.DYNAMIC, ActivationFormat.INT8),
+    )
+)
+register_recipe(Recipe("mxfp4-wo", WeightSpec(WeightFormat.MXFP4, Granularity.PER_GROUP)))
+register_recipe(
+    Recipe(
+        "nvfp4",
+        WeightSpec(WeightFormat.NVFP4, Granularity.PER_GROUP),
+        ActivationSpec(ActivationMode.DYNAMIC, ActivationFormat.NVFP4),
+    )
+)
+_INT4_G64 = WeightSpec(WeightFormat.INT4, Granularity.PER_GROUP, DEFAULT_INT4_GROUP_SIZE)
+register_recipe(Recipe("svdq-w4a16", _INT4_G64, rank=DEFAULT_RANK))
+register_recipe(
+    Recipe(
+        "svdq-w4a4",
+        _INT4_G64,
+        ActivationSpec(ActivationMode.DYNAMIC, ActivationFormat.INT4),
+        smooth=SmoothSpec(),
+        rank=DEFAULT_RANK,
+    )
+)
+register_recipe(
+    Recipe(
+        "svdq-nvfp4",
+        WeightSpec(WeightFormat.NVFP4, Granularity.PER_GROUP),
+        ActivationSpec(ActivationMode.DYNAMIC, ActivationFormat.NVFP4),
+        smooth=SmoothSpec(),
+        rank=DEFAULT_RANK,
     )
 )

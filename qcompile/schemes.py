@@ -13,6 +13,8 @@ import torch
 
 from qcompile.kernels import reference
 from qcompile.recipes import (
+    FOUR_BIT_ACTIVATIONS,
+    FP4_BLOCK,
     ActivationFormat,
     ActivationMode,
     ActivationSpec,
@@ -25,8 +27,15 @@ from qcompile.recipes import (
 # Buffer names a quantized linear owns, as suffixes of the linear's FQN.
 WEIGHT = "weight"
 WEIGHT_SCALE = "weight_scale"
+WEIGHT_GLOBAL_SCALE = "weight_global_scale"  # NVFP4's float32 per-tensor scale
 INPUT_SCALE = "input_scale"
+SMOOTH = "smooth"  # float32 [K]: the activation is divided by it before quantization
+LORA_DOWN = "lora_down"  # 16-bit [R, K]
+LORA_UP = "lora_up"  # 16-bit [N, R]
 BIAS = "bias"
+# Owned tensors that follow the model's float dtype (like the bias); the others keep
+# the dtype they were packed in.
+FLOAT_TENSORS = (LORA_DOWN, LORA_UP)
 
 QuantizedWeight = dict[str, torch.Tensor]  # buffer suffix → tensor
 
@@ -104,6 +113,28 @@ register_weight_format(
 )
 
 
+def _fp4(fmt: WeightFormat) -> WeightFormatImpl:
+    def quantize(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
+        packed, scale, global_scale = reference.w4.quantize_4bit(weight, fmt.value, spec.group_size)
+        tensors = {WEIGHT: packed, WEIGHT_SCALE: scale}
+        if global_scale is not None:
+            tensors[WEIGHT_GLOBAL_SCALE] = global_scale
+        return tensors
+
+    def dequantize(t: QuantizedWeight, spec: WeightSpec, k: int) -> torch.Tensor:
+        return reference.w4.dequantize_4bit(
+            t[WEIGHT], t[WEIGHT_SCALE], t.get(WEIGHT_GLOBAL_SCALE), fmt.value, FP4_BLOCK[fmt], k
+        )
+
+    return WeightFormatImpl(quantize, dequantize, op=LINEAR_W4A16)
+
+
+LINEAR_W4A16 = torch.ops.qcompile.linear_w4a16.default
+LINEAR_W4A4 = torch.ops.qcompile.linear_w4a4.default
+register_weight_format(WeightFormat.MXFP4, _fp4(WeightFormat.MXFP4))
+register_weight_format(WeightFormat.NVFP4, _fp4(WeightFormat.NVFP4))
+
+
 @dataclass(frozen=True)
 class ActivationImpl:
     """An activation format: the dtype activations are quantized to and the GEMM."""
@@ -128,8 +159,42 @@ def activation_impl(spec: ActivationSpec) -> ActivationImpl:
 
 def tensor_names(scheme: LayerScheme) -> tuple[str, ...]:
     """The buffers a quantized linear of this scheme owns (suffixes of its FQN)."""
-    static = scheme.activation.mode is ActivationMode.STATIC
-    return (WEIGHT, WEIGHT_SCALE, INPUT_SCALE) if static else (WEIGHT, WEIGHT_SCALE)
+    names = [WEIGHT, WEIGHT_SCALE]
+    if scheme.weight.format is WeightFormat.NVFP4:
+        names.append(WEIGHT_GLOBAL_SCALE)
+    if scheme.activation.mode is ActivationMode.STATIC:
+        names.append(INPUT_SCALE)
+    if scheme.smooth:
+        names.append(SMOOTH)
+    if scheme.rank:
+        names += [LORA_DOWN, LORA_UP]
+    return tuple(names)
+
+
+def fused_call(scheme: LayerScheme, x, t: dict, bias) -> tuple | None:
+    """(op, args) of the single op a 4-bit linear lowers to, or None for the others.
+
+    `x`, `t` (tensors by buffer name) and `bias` are tensors for the eager module and
+    fx nodes for lowering: both build the same call.
+    """
+    op = fused_op(scheme)
+    if op is None:
+        return None
+    w = scheme.weight
+    common = (x, t[WEIGHT], t[WEIGHT_SCALE], t.get(WEIGHT_GLOBAL_SCALE), bias)
+    branch = (t.get(LORA_DOWN), t.get(LORA_UP), w.format.value, w.group_size)
+    if op is LINEAR_W4A4:
+        return op, (*common, t.get(SMOOTH), *branch)
+    return op, (*common, *branch)
+
+
+def fused_op(scheme: LayerScheme):
+    """The single 4-bit op of a scheme (W4A4, or FP4 / low-rank W4A16), else None."""
+    if scheme.activation.format in FOUR_BIT_ACTIVATIONS:
+        return LINEAR_W4A4
+    if scheme.weight.format in FP4_BLOCK or scheme.rank:
+        return LINEAR_W4A16
+    return None
 
 
 def quantize_activation(
@@ -146,6 +211,10 @@ def linear(
     x: torch.Tensor, tensors: QuantizedWeight, bias: torch.Tensor | None, scheme: LayerScheme
 ) -> torch.Tensor:
     """A quantized linear, eagerly: the same ops, in the same order, as the lowered graph."""
+    fused = fused_call(scheme, x, tensors, bias)
+    if fused is not None:
+        op, args = fused
+        return op(*args)
     weight = weight_format_impl(scheme.weight)
     if not scheme.activation.quantized:
         return weight.op(

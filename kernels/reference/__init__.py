@@ -8,6 +8,7 @@ The references are the CPU implementations of the ``qcompile::`` ops and the gro
 truth the Triton kernels are tested against: packing bitwise, GEMMs by SQNR.
 """
 
+from qcompile.kernels.reference import fp4, w4
 from qcompile.kernels.reference.act import (
     linear_w8a8,
     quantize_act_dynamic,
@@ -39,6 +40,7 @@ __all__ = [
     "dequantize_fp8_per_channel",
     "dequantize_int4_per_group",
     "dequantize_int8_per_channel",
+    "fp4",
     "linear_fp8_wo",
     "linear_int4_wo",
     "linear_int8_wo",
@@ -52,4 +54,5 @@ __all__ = [
     "quantize_int8_per_channel",
     "quantize_int8_per_tensor",
     "unpack_int4",
+    "w4",
 ]

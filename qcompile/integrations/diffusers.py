@@ -31,7 +31,8 @@ from qcompile.integrations.diffusers_config import PROGRAM_NAME, QCompileConfig,
 from qcompile.memory import release_freed_memory
 from qcompile.modules import QuantizedLinear
 from qcompile.recipes import LayerScheme
-from qcompile.schemes import INPUT_SCALE, tensor_names, weight_format_impl
+from qcompile.schemes import FLOAT_TENSORS, tensor_names
+from qcompile.svdquant import empty_layer, quantize_layer, split_layer
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +87,9 @@ class QCompileQuantizer(DiffusersQuantizer):
         if self.pre_quantized:
             for fqn, scheme in config.layers.items():
                 linear = _linear_at(model, fqn, self._where())
-                impl = weight_format_impl(scheme.weight)
-                meta = torch.empty(linear.out_features, linear.in_features, device="meta")
-                tensors = impl.quantize(meta, scheme.weight)
-                if INPUT_SCALE in tensor_names(scheme):
-                    tensors[INPUT_SCALE] = torch.empty((), device="meta")
+                tensors = empty_layer(
+                    scheme, linear.out_features, linear.in_features, linear.weight.dtype
+                )
                 _replace(
                     model,
                     fqn,
@@ -137,9 +136,13 @@ class QCompileQuantizer(DiffusersQuantizer):
         module = model.get_submodule(owner)
         if self.pre_quantized:
             # diffusers has already cast float tensors (our float32 scales) to torch_dtype;
-            # the shard's own state_dict still holds them as saved.
-            param_value = state_dict.get(param_name, param_value)
+            # the shard's own state_dict still holds them as saved. The 16-bit branch is
+            # the exception: it follows the model's dtype, like the bias.
             expected = module._buffers[attr]
+            if attr in FLOAT_TENSORS:
+                param_value = param_value.to(expected.dtype)
+            else:
+                param_value = state_dict.get(param_name, param_value)
             if param_value.dtype != expected.dtype or param_value.shape != expected.shape:
                 raise CheckpointError(
                     f"{self._where()}: tensor {param_name!r} is {param_value.dtype}"
@@ -154,7 +157,7 @@ class QCompileQuantizer(DiffusersQuantizer):
         if not torch.isfinite(weight).all():
             raise WeightError(f"{param_name} contains NaN or Inf; fix the checkpoint")
         with torch.no_grad():
-            tensors = weight_format_impl(scheme.weight).quantize(weight, scheme.weight)
+            tensors = quantize_layer(split_layer(weight, scheme), scheme)
         _replace(
             model,
             owner,
