@@ -66,8 +66,10 @@ def lowrank_split(
             )
         vh = v.T
     root = sigma[:rank].sqrt()
-    up = (u[:, :rank] * root).to(dtype)
-    down = (root[:, None] * vh[:rank]).to(dtype)
+    # Contiguous, as they will be after a checkpoint round trip: CPU BLAS sums a
+    # transposed operand in another order, so strides would change the output bits.
+    up = (u[:, :rank] * root).to(dtype).contiguous()
+    down = (root[:, None] * vh[:rank]).to(dtype).contiguous()
     residual = w - up.to(torch.float32) @ down.to(torch.float32)
     return down, up, residual
 

@@ -54,10 +54,10 @@ class QCompileQuantizer(DiffusersQuantizer):
             raise CheckpointError("config.json quantization_config lists no quantized layers")
         if not self.pre_quantized and config.recipe.needs_calibration:
             raise RecipeError(
-                f"recipe {config.recipe.name!r} has static activation scales, which need "
-                "calibration: quantize-on-load cannot take it. Use a weight-only or dynamic "
-                "recipe (e.g. 'fp8-dynamic'), or qcompile.quantize(model, recipe, "
-                "calibration=...) and save the result"
+                f"recipe {config.recipe.name!r} has static activation scales or smoothing, "
+                "which need calibration: quantize-on-load cannot take it. Use a weight-only "
+                "or dynamic recipe (e.g. 'fp8-dynamic', 'nvfp4', 'svdq-w4a16'), or "
+                "qcompile.quantize(model, recipe, calibration=...) and save the result"
             )
 
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:

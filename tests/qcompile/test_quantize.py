@@ -123,7 +123,7 @@ def test_unknown_recipe_name_lists_valid_ones():
     build, _ = FAMILIES["sd3"]
     with pytest.raises(
         qcompile.RecipeError,
-        match="valid recipes: flux-mxfp4-wo, .*fp8-dynamic, fp8-w8a8, fp8-wo, int4-wo",
+        match=r"valid recipes: flux-mxfp4-wo, .*fp8-dynamic, fp8-w8a8, fp8-wo, int4-wo",
     ):
         qcompile.quantize(build(), "int2-wo")
 

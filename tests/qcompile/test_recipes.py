@@ -60,3 +60,77 @@ def test_selects_with_globs():
     assert not recipe.selects("blocks.0.proj_out")
     assert not recipe.selects("proj_out")
     assert not recipe.selects("blocks.0.attn.to_q", extra_excludes=("*to_q",))
+
+
+def test_four_bit_presets_and_what_they_carry():
+    w4a4 = qcompile.get_recipe("svdq-w4a4")
+    assert w4a4.rank == 32 and w4a4.smooth.alpha == 0.5 and w4a4.needs_calibration
+    assert (
+        w4a4.activation.format.value == "int4" and w4a4.activation.granularity.value == "per_group"
+    )
+    assert qcompile.get_recipe("svdq-w4a16").smooth is None
+    assert not qcompile.get_recipe("svdq-w4a16").needs_calibration
+    assert qcompile.get_recipe("mxfp4-wo").weight.group_size == 32
+    assert qcompile.get_recipe("nvfp4").weight.group_size == 16
+    # rank capped per layer at min(N, K) / 4; real layers (≥ 320 wide) keep 32
+    assert w4a4.scheme_for(64, 64).rank == 16 and w4a4.scheme_for(3072, 320).rank == 32
+    assert w4a4.scheme_for(3, 64).rank == 0
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "sdxl"])
+def test_family_presets_spell_out_the_family_excludes(family):
+    from qcompile.families import FLUX, SD3, UNET
+
+    excludes = {"flux": FLUX, "sd3": SD3, "sdxl": UNET}[family].default_excludes
+    for base in ("svdq-w4a4", "svdq-w4a16", "mxfp4-wo", "nvfp4"):
+        recipe = qcompile.get_recipe(f"{family}-{base}")
+        assert recipe.exclude == excludes
+        assert recipe.replace(name=base, exclude=()) == qcompile.get_recipe(base)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(weight=WeightSpec("int8"), rank=16), "pairs with 4-bit weights"),
+        (dict(weight=WeightSpec("int4", "per_group", 64), rank=-1), "recipe.rank must be"),
+        (
+            dict(
+                weight=WeightSpec("int8"),
+                activation={"mode": "static", "format": "int8"},
+                smooth={"alpha": 0.5},
+            ),
+            "needs 4-bit dynamic activations",
+        ),
+        (
+            dict(
+                weight=WeightSpec("int4", "per_group", 64),
+                activation={"mode": "dynamic", "format": "nvfp4"},
+            ),
+            "int4 weights cannot pair with nvfp4",
+        ),
+        (
+            dict(
+                weight=WeightSpec("int4", "per_group", 64),
+                activation={"mode": "static", "format": "int4"},
+            ),
+            "int4 activations are dynamic",
+        ),
+        (
+            dict(
+                weight=WeightSpec("int4", "per_group", 64),
+                activation={"mode": "dynamic", "format": "int4"},
+                smooth={"alpha": 1.5},
+            ),
+            r"alpha values must be in \[0, 1\]",
+        ),
+    ],
+)
+def test_invalid_four_bit_recipes(kwargs, match):
+    with pytest.raises(RecipeError, match=match):
+        Recipe("x", **kwargs)
+
+
+def test_fp4_block_is_fixed_by_the_format():
+    assert WeightSpec("mxfp4", "per_group").group_size == 32
+    with pytest.raises(RecipeError, match="nvfp4 weights are per_group with group_size 16"):
+        WeightSpec("nvfp4", "per_group", 32)

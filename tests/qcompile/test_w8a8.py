@@ -132,5 +132,7 @@ def test_quantize_on_load_takes_dynamic_and_refuses_static(tmp_path):
     in_memory = qcompile.quantize(build(), "fp8-dynamic")
     inputs = held_out(model)
     assert torch.equal(_call(model, inputs), _call(in_memory, inputs))
-    with pytest.raises(RecipeError, match="static activation scales, which need calibration"):
+    with pytest.raises(
+        RecipeError, match="static activation scales or smoothing, which need calibration"
+    ):
         type(build()).from_pretrained(tmp_path, quantization_config=QCompileConfig("int8-w8a8"))
