@@ -8,7 +8,7 @@ Public API (everything else is internal and may change):
     save(module, dir), load(dir) -> ExportedProgram, dequantize(module)
     QCompileConfig — for from_pretrained(quantization_config=...) and pipelines
     Recipe, WeightSpec, ActivationSpec, LayerScheme, WeightFormat, ActivationFormat,
-    Granularity, ActivationMode, Observer, list_recipes, get_recipe
+    Granularity, ActivationMode, Observer, SmoothSpec, list_recipes, get_recipe
     runtime_of(module)  — the graph runtime of a quantized module (path statistics)
     sqnr, weight_bytes  — measures
     QCompileError and its subclasses
@@ -37,6 +37,7 @@ from qcompile.recipes import (
     LayerScheme,
     Observer,
     Recipe,
+    SmoothSpec,
     WeightFormat,
     WeightSpec,
     list_recipes,
@@ -71,6 +72,7 @@ __all__ = [  # noqa: RUF022 - grouped by concern
     "LayerScheme",
     "Observer",
     "Recipe",
+    "SmoothSpec",
     "WeightFormat",
     "WeightSpec",
     "get_recipe",
