@@ -31,7 +31,7 @@ E2M1_EMAX = 2  # exponent of e2m1's largest power of two (4 ≤ 6 < 8)
 def encode_e2m1(values: torch.Tensor) -> torch.Tensor:
     """float → e2m1 codes (uint8 0..15), nearest with ties to even, saturating."""
     v = values.to(torch.float32)
-    mag = v.abs().clamp(max=E2M1_MAX)
+    mag = v.abs().clamp(max=E2M1_MAX).contiguous()
     low = torch.bucketize(mag, _MIDPOINTS, right=False)
     high = torch.bucketize(mag, _MIDPOINTS, right=True)
     code = torch.where((low == high) | (low % 2 == 0), low, high)
