@@ -15,6 +15,7 @@ Public API (everything else is internal and may change):
 """
 
 from qcompile import kernels as _kernels  # noqa: F401 - registers the qcompile:: ops
+from qcompile import presets as _presets  # noqa: F401 - registers the named recipes
 from qcompile.api import QuantizationState, dequantize, is_quantized, quantize
 from qcompile.calibration import CalibrationError, CalibrationSet, capture_calibration
 from qcompile.checkpoint import load, save

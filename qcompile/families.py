@@ -17,8 +17,6 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from qcompile.recipes import register_recipe, resolve_recipe
-
 # Example sizes are distinct on purpose, so no two dynamic dims share an example value.
 EXAMPLE_BATCH = 2
 EXAMPLE_TEXT_TOKENS = 7
@@ -186,16 +184,3 @@ UNET = ModelFamily(
     dynamic_shapes=_unet_dims,
 )
 FAMILIES = (FLUX, SD3, UNET)
-
-
-# Family presets: the 4-bit presets with the family's 16-bit layers spelled out.
-# (The low-rank branch is never a candidate: it is added after selection.)
-_FAMILY_PRESET_PREFIX = {"flux": FLUX, "sd3": SD3, "sdxl": UNET}
-FAMILY_PRESET_BASES = ("svdq-w4a4", "svdq-w4a16", "svdq-nvfp4", "mxfp4-wo", "nvfp4")
-for _prefix, _family in _FAMILY_PRESET_PREFIX.items():
-    for _base in FAMILY_PRESET_BASES:
-        register_recipe(
-            resolve_recipe(_base).replace(
-                name=f"{_prefix}-{_base}", exclude=_family.default_excludes
-            )
-        )

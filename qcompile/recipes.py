@@ -1,8 +1,9 @@
 """Recipes: which linear layers get which quantization scheme.
 
 A recipe is a frozen, validated dataclass with a version and a JSON round trip. Named
-presets are registered in a small registry; `resolve_recipe` turns a preset name or a
-`Recipe` into a `Recipe` and lists the valid names when the name is unknown.
+presets (defined in `qcompile/presets.py`) live in a small registry; `resolve_recipe`
+turns a preset name or a `Recipe` into a `Recipe` and lists the valid names when the
+name is unknown.
 """
 
 from __future__ import annotations
@@ -384,70 +385,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
-
-
-# Presets. Family-specific excludes are applied by `quantize` from the detected family.
-register_recipe(Recipe("int8-wo", WeightSpec(WeightFormat.INT8)))
-register_recipe(Recipe("fp8-wo", WeightSpec(WeightFormat.FP8_E4M3)))
-register_recipe(
-    Recipe("int4-wo", WeightSpec(WeightFormat.INT4, Granularity.PER_GROUP, DEFAULT_INT4_GROUP_SIZE))
-)
-register_recipe(Recipe("int4-wo-g128", WeightSpec(WeightFormat.INT4, Granularity.PER_GROUP, 128)))
-register_recipe(
-    Recipe(
-        "int8-w8a8",
-        WeightSpec(WeightFormat.INT8),
-        # histogram: best or within 0.13 dB of best of the four observers on tiny Flux,
-        # SD3 and UNet (docs/design.md)
-        ActivationSpec(ActivationMode.STATIC, ActivationFormat.INT8, observer=Observer.HISTOGRAM),
-    )
-)
-register_recipe(
-    Recipe(
-        "fp8-w8a8",
-        WeightSpec(WeightFormat.FP8_E4M3, Granularity.PER_TENSOR),
-        ActivationSpec(ActivationMode.STATIC, ActivationFormat.FP8_E4M3, observer=Observer.MIN_MAX),
-    )
-)
-register_recipe(
-    Recipe(
-        "fp8-dynamic",
-        WeightSpec(WeightFormat.FP8_E4M3),
-        ActivationSpec(ActivationMode.DYNAMIC, ActivationFormat.FP8_E4M3),
-    )
-)
-register_recipe(
-    Recipe(
-        "int8-dynamic",
-        WeightSpec(WeightFormat.INT8),
-        ActivationSpec(ActivationMode.DYNAMIC, ActivationFormat.INT8),
-    )
-)
-register_recipe(Recipe("mxfp4-wo", WeightSpec(WeightFormat.MXFP4, Granularity.PER_GROUP)))
-register_recipe(
-    Recipe(
-        "nvfp4",
-        WeightSpec(WeightFormat.NVFP4, Granularity.PER_GROUP),
-        ActivationSpec(ActivationMode.DYNAMIC, ActivationFormat.NVFP4),
-    )
-)
-_INT4_G64 = WeightSpec(WeightFormat.INT4, Granularity.PER_GROUP, DEFAULT_INT4_GROUP_SIZE)
-register_recipe(Recipe("svdq-w4a16", _INT4_G64, rank=DEFAULT_RANK))
-register_recipe(
-    Recipe(
-        "svdq-w4a4",
-        _INT4_G64,
-        ActivationSpec(ActivationMode.DYNAMIC, ActivationFormat.INT4),
-        smooth=SmoothSpec(),
-        rank=DEFAULT_RANK,
-    )
-)
-register_recipe(
-    Recipe(
-        "svdq-nvfp4",
-        WeightSpec(WeightFormat.NVFP4, Granularity.PER_GROUP),
-        ActivationSpec(ActivationMode.DYNAMIC, ActivationFormat.NVFP4),
-        smooth=SmoothSpec(),
-        rank=DEFAULT_RANK,
-    )
-)
