@@ -60,6 +60,12 @@ from qcompile.recipes import (
 )
 
 RANKS = (0, 16, 32, 64)
+# Smoothing mode → the variant's name without / with the rank-R branch.
+VARIANTS = {
+    "none": ("naive", "SVD only"),
+    "folded": ("smooth folded", "SVDQuant folded"),
+    "paper": ("smooth", "SVDQuant"),
+}
 TINY_RANKS = (0, 4, 8, 16)
 GROUP = 64
 NAIVE_MARGIN_DB = 6.0  # the issue's targets
@@ -160,10 +166,9 @@ def ablate(float_model, calibration, inputs, call, ranks, focus=None) -> dict:
             with torch.no_grad():
                 out = call(model, inputs)
             assert qcompile.runtime_of(model).last_path == "graph"
-            name = (
-                ("SVDQuant" if rank else "smooth") if smooth else ("SVD only" if rank else "naive")
+            rows[(VARIANTS["paper" if smooth else "none"][rank > 0], rank)] = _score(
+                layers, seen, reference, out, focus, seconds
             )
-            rows[(name, rank)] = _score(layers, seen, reference, out, focus, seconds)
             if smooth:  # the same layers with 1/s folded back into the weights
                 runtime = qcompile.runtime_of(model)
                 for fqn, layer in layers.items():
@@ -172,8 +177,9 @@ def ablate(float_model, calibration, inputs, call, ranks, focus=None) -> dict:
                 folded = {n: model.get_submodule(n) for n in layers}
                 with torch.no_grad():
                     out = call(runtime.eager, inputs)
-                label = "SVDQuant folded" if rank else "smooth folded"
-                rows[(label, rank)] = _score(folded, seen, reference, out, focus, None)
+                rows[(VARIANTS["folded"][rank > 0], rank)] = _score(
+                    folded, seen, reference, out, focus, None
+                )
     return rows
 
 
@@ -228,24 +234,18 @@ def family(name: str) -> dict:
 
 
 def table(title: str, rows: dict, ranks) -> str:
-    lines = [title, f"{'variant':<16}" + "".join(f"{'r' + str(r):>15}" for r in ranks)]
-    for variant in ("naive", "SVD only", "smooth folded", "smooth", "SVDQuant folded", "SVDQuant"):
+    """One line per smoothing mode, one column per rank (r0: no branch)."""
+    lines = [title, f"{'smoothing':<16}" + "".join(f"{'r' + str(r):>15}" for r in ranks)]
+    for mode, names in VARIANTS.items():
         cells = []
         for r in ranks:
-            key = next((k for k in rows if k[0] == variant and k[1] == r), None)
-            if key is None and r == 0 and variant in ("SVD only", "SVDQuant", "SVDQuant folded"):
-                key = (
-                    {"SVD only": "naive", "SVDQuant": "smooth", "SVDQuant folded": "smooth folded"}[
-                        variant
-                    ],
-                    0,
-                )
-            row = rows.get(key)
-            cells.append(
-                f"{row['median_layer_db']:6.2f}/{row['end_to_end_db']:6.2f}" if row else ""
-            )
-        lines.append(f"{variant:<16}" + "".join(f"{c:>15}" for c in cells))
-    lines.append("cells: median per-layer SQNR / end-to-end SQNR, dB")
+            row = rows[(names[r > 0], r)]
+            cells.append(f"{row['median_layer_db']:6.2f}/{row['end_to_end_db']:6.2f}")
+        lines.append(f"{mode:<16}" + "".join(f"{c:>15}" for c in cells))
+    lines.append(
+        "cells: median per-layer SQNR / end-to-end SQNR, dB. none: r0 naive, r>0 SVD only; "
+        "paper: r0 smooth only, r>0 SVDQuant; folded: 1/s folded back into W"
+    )
     return "\n".join(lines)
 
 

@@ -51,7 +51,7 @@ def fold_lowrank(program: ExportedProgram) -> list[str]:
             continue  # the weight feeds other ops too: lower_linears leaves it 16-bit
         weight = state_tensor(program, weight_node)
         down, up, residual = lowrank_split(weight, rank, weight.dtype)
-        swap_input(program, weight_node, residual.to(weight.dtype))
+        swap_input(program, weight_node, residual)
         down_node = add_buffer(program, f"{fqn}.{LORA_DOWN}", down)
         up_node = add_buffer(program, f"{fqn}.{LORA_UP}", up)
         for node in linears:

@@ -27,7 +27,7 @@ from qcompile.passes.observers import ActivationStats
 from qcompile.program import add_buffer, finalize, insert_call, state_tensor, swap_input
 from qcompile.recipes import SmoothSpec
 from qcompile.schemes import SMOOTH
-from qcompile.svdquant import search_alpha, smooth_factors
+from qcompile.svdquant import search_alpha, smooth_factors, smooth_weight
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ def smooth(
             alpha = found.alpha
             logger.debug("smooth: %s alpha %.2f (%s)", fqn, alpha, found.sqnr_db)
         factors = smooth_factors(observed.channel_absmax, weight, alpha)
-        smoothed = (weight.detach().to(torch.float32) * factors).to(weight.dtype)
-        swap_input(program, weight_node, smoothed)
+        swap_input(program, weight_node, smooth_weight(weight, factors))
         factors_node = add_buffer(program, f"{fqn}.{SMOOTH}", factors)
         for node in linears:
             x = node.args[0]

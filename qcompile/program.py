@@ -117,11 +117,7 @@ def replace_node(
     with program.graph.inserting_before(old):
         new = program.graph.call_function(target, args, kwargs or {})
     new.meta.update({k: old.meta[k] for k in (*_KEPT_META, "val", "tensor_meta") if k in old.meta})
-    old.replace_all_uses_with(new)
-    specs = program.graph_signature.output_specs
-    for i, spec in enumerate(specs):
-        if isinstance(spec.arg, TensorArgument) and spec.arg.name == old.name:
-            specs[i] = dataclasses.replace(spec, arg=TensorArgument(new.name))
+    redirect_uses(program, old, new)
     program.graph.erase_node(old)
     return new
 

@@ -123,7 +123,7 @@ def _fp4(fmt: WeightFormat) -> WeightFormatImpl:
 
     def dequantize(t: QuantizedWeight, spec: WeightSpec, k: int) -> torch.Tensor:
         return reference.w4.dequantize_4bit(
-            t[WEIGHT], t[WEIGHT_SCALE], t.get(WEIGHT_GLOBAL_SCALE), fmt.value, FP4_BLOCK[fmt], k
+            t[WEIGHT], t[WEIGHT_SCALE], t.get(WEIGHT_GLOBAL_SCALE), fmt.value, spec.group_size, k
         )
 
     return WeightFormatImpl(quantize, dequantize, op=LINEAR_W4A16)

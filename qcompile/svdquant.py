@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qcompile.metrics import sqnr
 from qcompile.recipes import LayerScheme, SmoothSpec
 from qcompile.schemes import (
     INPUT_SCALE,
@@ -50,10 +51,10 @@ def smooth_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float)
 def lowrank_split(
     weight: torch.Tensor, rank: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """W [N, K] → (down [R, K], up [N, R]) in `dtype` and the float32 residual W − up·down.
+    """W [N, K] → (down [R, K], up [N, R], residual W − up·down [N, K]), all in `dtype`.
 
-    The residual is taken against the branch as stored (rounded to `dtype`), so the
-    branch's own rounding is quantized with the residual instead of being lost.
+    The residual is taken (in float32) against the branch as stored (rounded to
+    `dtype`), so the branch's own rounding is quantized with the residual, not lost.
     """
     w = weight.detach().to(torch.float32)
     if min(w.shape) <= _EXACT_SVD_MAX:
@@ -71,7 +72,12 @@ def lowrank_split(
     up = (u[:, :rank] * root).to(dtype).contiguous()
     down = (root[:, None] * vh[:rank]).to(dtype).contiguous()
     residual = w - up.to(torch.float32) @ down.to(torch.float32)
-    return down, up, residual
+    return down, up, residual.to(dtype)
+
+
+def smooth_weight(weight: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """W·diag(s) in W's dtype (float32 math)."""
+    return (weight.detach().to(torch.float32) * factors).to(weight.dtype)
 
 
 @dataclass
@@ -88,13 +94,10 @@ def split_layer(
     weight: torch.Tensor, scheme: LayerScheme, smooth: torch.Tensor | None = None
 ) -> LayerParts:
     """What `smooth` then `fold_lowrank` make of one weight, as tensors."""
-    w = weight.detach()
-    if smooth is not None:
-        w = (w.to(torch.float32) * smooth).to(weight.dtype)
+    w = weight.detach() if smooth is None else smooth_weight(weight, smooth)
     if not scheme.rank:
         return LayerParts(smooth, None, None, w)
-    down, up, residual = lowrank_split(w, scheme.rank, weight.dtype)
-    return LayerParts(smooth, down, up, residual.to(weight.dtype))
+    return LayerParts(smooth, *lowrank_split(w, scheme.rank, weight.dtype))
 
 
 def empty_layer(
@@ -146,8 +149,6 @@ def search_alpha(
     linear on the rows); memory: the rows (≤ search_rows × K floats) and two float32
     copies of W.
     """
-    from qcompile.metrics import sqnr
-
     start = time.perf_counter()
     rows = rows[: spec.search_rows].to(torch.float32)
     reference = rows @ weight.detach().to(torch.float32).T
@@ -169,5 +170,6 @@ __all__ = [
     "quantize_layer",
     "search_alpha",
     "smooth_factors",
+    "smooth_weight",
     "split_layer",
 ]
