@@ -111,18 +111,18 @@ def _lower_fused(
         if x.target is not SMOOTH_OP:
             raise RuntimeError(f"{fqn}: smoothed scheme but no smooth node; run `smooth` first")
         x = x.args[0]
-    last, branch = node, []
+    last, dead = node, []  # `last` is replaced by the fused op; `dead` erased after it
     if scheme.rank:
         add = next((u for u in node.users if u.meta.get(LOWRANK_OF) == fqn), None)
         if add is None:
             raise RuntimeError(f"{fqn}: scheme has a rank but no branch; run `fold_lowrank`")
         up = add.args[1]
-        last, branch = add, [up, up.args[0]]
+        last, dead = add, [up, up.args[0], node]
     op, args = fused_call(scheme, x, buffers, bias)
     smoothed = node.args[0]
     new = replace_node(program, last, op, args)
-    for dead in (*branch, *([node] if last is not node else [])):
-        program.graph.erase_node(dead)
+    for unused in dead:
+        program.graph.erase_node(unused)
     if smoothed.target is SMOOTH_OP and not smoothed.users:
         program.graph.erase_node(smoothed)
     return new
