@@ -71,6 +71,31 @@ def fake_quantize_4bit(values: torch.Tensor, fmt: str, group_size: int) -> torch
     )
 
 
+def quantize_act_4bit(
+    x: torch.Tensor,
+    smooth: torch.Tensor | None,
+    lora_down: torch.Tensor | None,
+    fmt: str | None,
+    group_size: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The activation pass of a 4-bit linear, as the fused kernel computes it.
+
+    Returns (packed, scales, global scale, lora_act): x_s = x / smooth quantized per row
+    and group (all None without a format) and lora_act = x_s (in lora_down's dtype) ·
+    lora_downᵀ in float32 [M, R] (None without a branch).
+    """
+    rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    if smooth is not None:
+        rows = rows / smooth.to(torch.float32)
+    packed, scale, global_scale = (
+        (None, None, None) if fmt is None else quantize_4bit(rows, fmt, group_size)
+    )
+    lora_act = None
+    if lora_down is not None:
+        lora_act = rows.to(lora_down.dtype).to(torch.float32) @ lora_down.to(torch.float32).T
+    return packed, scale, global_scale, lora_act
+
+
 def _lowrank(
     x_s: torch.Tensor, lora_down: torch.Tensor | None, lora_up: torch.Tensor | None
 ) -> torch.Tensor | None:
