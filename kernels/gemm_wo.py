@@ -1,0 +1,188 @@
+"""Weight-only GEMMs: a 16-bit activation times an 8-bit or 4-bit weight that is
+dequantized in registers, with the SVDQuant low-rank up-projection in the epilogue.
+
+Notation: x [M, K] (bfloat16, float16 or float32); W [N, K] stored as
+    int8 / fp8  q [N, K] with a float32 scale per output channel (applied to the tile's
+                accumulator in the epilogue: Σ x·q·s = s·Σ x·q);
+    int4        two codes per byte [N, Kp/2], float32 scale per row and group of G;
+    mxfp4       e2m1 codes [N, Kp/2], e8m0 scale (uint8) per 32;
+    nvfp4       e2m1 codes [N, Kp/2], e4m3 scale per 16, float32 per-tensor scale
+                (applied in the epilogue);
+G the group, Kp = K rounded up to G, R the rank. Each BLOCK_N × BLOCK_K weight tile is
+unpacked and multiplied by its group scales in registers, rounded to x's dtype and fed
+to the tensor cores with the x tile; only packed bytes cross the memory bus.
+y = x · Wᵀ (+ lora_act · lora_upᵀ) (+ bias), lora_act = x · lora_downᵀ from the
+activation pass (``quantize_act_4bit`` without a format).
+
+MXFP4 and NVFP4 block values are exact in 16 bits (e2m1 × a power of two, e2m1 × e4m3);
+an INT4 code times its float32 scale rounds once to x's dtype (relative 2⁻⁹ in bfloat16),
+as every register-dequantizing W4A16 kernel does.
+
+Reference: ``reference.linear_{int8,fp8,int4}_wo`` and ``reference.w4.linear_w4a16``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.kernels.gemm_parts import GROUP_M, dot_precision, finish, grid_2d, tile
+from qcompile.kernels.numerics import (
+    cast_rne,
+    decode_e2m1,
+    exp2i,
+    mma,
+    sign_extend_int4,
+    unpack_nibbles,
+)
+from qcompile.kernels.quantize_act_4bit import quantize_act_4bit
+from qcompile.kernels.tuning import Tuner, config, m_bucket
+
+WEIGHT_FORMAT_ID = {"int8": 0, "fp8": 1, "int4": 2, "mxfp4": 3, "nvfp4": 4}
+
+_TUNER = Tuner(
+    "linear_weight_only",
+    default=config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    hopper=[
+        # small M (memory-bound): narrow rows, many column tiles, deep K steps
+        config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+        config(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
+        config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3),
+        # large M (compute-bound)
+        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+        config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+    ],
+)
+
+
+@triton.jit
+def _weight_only_kernel(
+    # pointers
+    x_ptr,
+    w_ptr,
+    w_scale_ptr,
+    w_global_ptr,
+    bias_ptr,
+    lora_act_ptr,
+    lora_up_ptr,
+    y_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    Kp,
+    R,
+    # strides
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_lam,
+    stride_lun,
+    stride_ym,
+    # meta-parameters
+    WFMT: tl.constexpr,  # 0 int8, 1 fp8, 2 int4, 3 mxfp4, 4 nvfp4
+    G: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    rows, cols = tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    safe_rows = rows % M
+    safe_cols = cols % N
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        x = tl.load(
+            x_ptr + safe_rows[:, None] * stride_xm + k[None, :], mask=k[None, :] < K, other=0.0
+        )
+        if WFMT <= 1:
+            w = tl.load(
+                w_ptr + safe_cols[:, None] * stride_wn + k[None, :],
+                mask=k[None, :] < K,
+                other=0.0,
+            ).to(tl.float32)
+        else:
+            half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(
+                w_ptr + safe_cols[:, None] * stride_wn + half[None, :],
+                mask=half[None, :] < Kp // 2,
+                other=0,
+            )
+            codes = unpack_nibbles(packed, BLOCK_N, BLOCK_K)
+            group = tl.minimum(k // G, Kp // G - 1)  # past Kp the codes load as 0
+            scale = tl.load(w_scale_ptr + safe_cols[:, None] * stride_sn + group[None, :])
+            if WFMT == 2:
+                w = sign_extend_int4(codes).to(tl.float32) * scale
+            elif WFMT == 3:
+                w = decode_e2m1(codes) * exp2i(scale.to(tl.int32) - 127)
+            else:
+                w = decode_e2m1(codes) * scale.to(tl.float32)
+        w = cast_rne(w, x_ptr.dtype.element_ty)
+        acc = mma(x, tl.trans(w), acc, DOT_PRECISION)
+    if WFMT <= 1:
+        acc = acc * tl.load(w_scale_ptr + safe_cols)[None, :]
+    if WFMT == 4:
+        acc = acc * tl.load(w_global_ptr)
+    finish(
+        acc, rows, cols, bias_ptr, lora_act_ptr, lora_up_ptr, y_ptr, M, N, R,
+        stride_lam, stride_lun, stride_ym,
+        HAS_BIAS=HAS_BIAS, HAS_LORA=HAS_LORA, DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R,
+    )  # fmt: skip
+
+
+def linear_weight_only(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_global_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora_down: torch.Tensor | None,
+    lora_up: torch.Tensor | None,
+    fmt: str,
+    group_size: int = 0,
+) -> torch.Tensor:
+    """y [..., N] in x.dtype; `fmt` is int8, fp8, int4, mxfp4 or nvfp4 (see module)."""
+    if fmt not in WEIGHT_FORMAT_ID:
+        raise ValueError(f"unknown weight format {fmt!r}; expected one of {list(WEIGHT_FORMAT_ID)}")
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    m, n = x2.shape[0], weight.shape[0]
+    four_bit = WEIGHT_FORMAT_ID[fmt] >= 2
+    g = group_size if four_bit else 1
+    kp = triton.cdiv(k, g) * g
+    w = weight.contiguous()
+    scale = weight_scale.reshape(n, -1).contiguous() if four_bit else weight_scale.reshape(-1)
+    lora_act = None
+    if lora_down is not None:
+        lora_act = quantize_act_4bit(x2, None, lora_down, None, g).lora_act
+        lora_up = lora_up.contiguous()
+    rank = 0 if lora_down is None else lora_down.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+
+    def launch(c):
+        _weight_only_kernel[grid_2d(m, n, c)](
+            x2, w, scale, x2 if weight_global_scale is None else weight_global_scale,
+            x2 if bias is None else bias, x2 if lora_act is None else lora_act,
+            x2 if lora_up is None else lora_up, y,
+            m, n, k, kp, rank,
+            x2.stride(0), w.stride(0), scale.stride(0),
+            0 if lora_act is None else lora_act.stride(0),
+            0 if lora_up is None else lora_up.stride(0), y.stride(0),
+            WFMT=WEIGHT_FORMAT_ID[fmt], G=g, HAS_BIAS=bias is not None,
+            HAS_LORA=lora_act is not None, DOT_PRECISION=dot_precision(x.dtype),
+            BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=GROUP_M, **c.kwargs(),
+        )  # fmt: skip
+
+    if m:
+        key = (m_bucket(m), n, k, fmt, g, rank, x.dtype)
+        launch(_TUNER.pick(key, x.device, launch))
+    return y.view(*x.shape[:-1], n)
