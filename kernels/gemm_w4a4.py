@@ -31,6 +31,7 @@ import triton.language as tl
 
 from qcompile.kernels.gemm_parts import GROUP_M, dot_precision, finish, grid_2d, tile
 from qcompile.kernels.numerics import (
+    alloc,
     cast_rne,
     decode_e2m1,
     exp2i,
@@ -165,7 +166,7 @@ def linear_w4a4(
     block_k = NVFP4_BLOCK_K if fmt == "nvfp4" else g
     if kp % block_k:  # NVFP4 with Kp not a multiple of 64: one 16-wide block per step
         block_k = g
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = alloc((m, n), x.dtype, x.device)
 
     def launch(c):
         _w4a4_kernel[grid_2d(m, n, c)](

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from qcompile.kernels.gemm_parts import GROUP_M, finish, grid_2d, tile
+from qcompile.kernels.numerics import alloc
 from qcompile.kernels.tuning import Tuner, config, m_bucket
 
 _TUNER = Tuner(
@@ -121,7 +122,7 @@ def linear_w8a8(
             f"{tuple(weight_scale.shape)} must be per-tensor or per-row / per-channel "
             f"for M={m}, N={n}"
         )
-    y = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
+    y = alloc((m, n), out_dtype, x_q.device)
 
     def launch(c):
         _w8a8_kernel[grid_2d(m, n, c)](

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from qcompile.kernels.gemm_parts import GROUP_M, dot_precision, finish, grid_2d, tile
 from qcompile.kernels.numerics import (
+    alloc,
     cast_rne,
     decode_e2m1,
     exp2i,
@@ -166,7 +167,7 @@ def linear_weight_only(
         lora_act = quantize_act_4bit(x2, None, lora_down, None, g).lora_act
         lora_up = lora_up.contiguous()
     rank = 0 if lora_down is None else lora_down.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = alloc((m, n), x.dtype, x.device)
 
     def launch(c):
         _weight_only_kernel[grid_2d(m, n, c)](

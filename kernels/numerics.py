@@ -23,6 +23,7 @@ plain ``/`` compiles to an approximate division on the GPU.
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -71,7 +72,7 @@ def round_e4m3(v):
     mag = tl.minimum(tl.abs(v), FP8_E4M3_MAX)
     e = tl.maximum(floor_log2(mag), -6)
     r = rne(mag * exp2i(3 - e)) * exp2i(e - 3)
-    return tl.where(v < 0, -r, r)
+    return tl.where(v.to(tl.int32, bitcast=True) < 0, -r, r)  # the sign bit: -0.0 stays -0
 
 
 @triton.jit
@@ -132,3 +133,19 @@ def pack_nibbles(codes, ROWS: tl.constexpr, COLS: tl.constexpr):
 def sign_extend_int4(nibble):
     """Nibble 0..15 → int4 value -8..7."""
     return tl.where(nibble >= 8, nibble - 16, nibble)
+
+
+# Tests set this to fill every kernel output with garbage before launch, so an element a
+# kernel forgets to write cannot pass for a correct one.
+POISON = False
+
+
+def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty for kernel outputs; under `POISON`: NaN floats (e4m3 0x7F), 0xA5 bytes."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        if dtype.is_floating_point and dtype.itemsize > 1:
+            out.fill_(float("nan"))
+        else:
+            out.view(torch.uint8).fill_(0x7F if dtype is torch.float8_e4m3fn else 0xA5)
+    return out

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.kernels.numerics import cast_rne, rne, round_e4m3
+from qcompile.kernels.numerics import alloc, cast_rne, rne, round_e4m3
 from qcompile.kernels.reference.act import qmax
 from qcompile.kernels.tuning import Tuner, config, m_bucket
 
@@ -85,10 +85,10 @@ def _quantize(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    q = torch.empty((m, k), dtype=dtype, device=x.device)
+    q = alloc((m, k), dtype, x.device)
     dynamic = scale is None
     if dynamic:
-        scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+        scale = alloc((m, 1), torch.float32, x.device)
 
     def launch(c):
         grid = (triton.cdiv(m, c.meta["BLOCK_M"]),)
@@ -144,7 +144,7 @@ def smooth(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.empty_like(x2)
+    y = alloc(x2.shape, x2.dtype, x2.device)
     block_m, block_k = 16, 256
     grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(k, block_k))
     if x2.shape[0]:

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from qcompile.kernels.numerics import (
+    alloc,
     cast_rne,
     encode_e2m1,
     exp2i,
@@ -222,14 +223,14 @@ def quantize_act_4bit(
     device = x.device
     packed = scale = global_scale = lora_act = None
     if fmt is not None:
-        packed = torch.empty((m, kp // 2), dtype=torch.uint8, device=device)
-        scale = torch.empty((m, kp // g), dtype=SCALE_DTYPE[fmt], device=device)
+        packed = alloc((m, kp // 2), torch.uint8, device)
+        scale = alloc((m, kp // g), SCALE_DTYPE[fmt], device)
         if fmt == "nvfp4":
             global_scale = nvfp4_global_scale(x2, smooth)
     rank = 0 if lora_down is None else lora_down.shape[0]
     if lora_down is not None:
         lora_down = lora_down if lora_down.stride(-1) == 1 else lora_down.contiguous()
-        lora_act = torch.empty((m, rank), dtype=torch.float32, device=device)
+        lora_act = alloc((m, rank), torch.float32, device)
     if m == 0 or (fmt is None and lora_down is None):
         return Act4(packed, scale, global_scale, lora_act)
     precision = "ieee" if lora_down is not None and lora_down.dtype is torch.float32 else "tf32"

@@ -1,0 +1,128 @@
+"""CUDA implementations of the ``qcompile::`` ops: the Triton kernels.
+
+Importing this module registers, for the CUDA dispatch key of every op, a function that
+imports its kernel module on first use (Triton loads only on a machine that launches a
+kernel) and calls the launcher. CPU tensors keep running the references registered in
+``ops.py``.
+
+FP8 (and the FP4 formats, whose scales or MMA operands are e4m3) needs sm_89 or newer;
+on older GPUs those ops run their reference on the GPU instead, with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+import torch
+
+from qcompile.kernels import ops, reference
+
+log = logging.getLogger(__name__)
+
+FP8_CAPABILITY = (8, 9)
+
+
+@cache
+def _has_fp8(index: int) -> bool:
+    ok = torch.cuda.get_device_capability(index) >= FP8_CAPABILITY
+    if not ok:
+        log.warning(
+            "qcompile: %s has no FP8 support (sm_89+ needed); FP8/FP4 ops run their "
+            "PyTorch reference on it",
+            torch.cuda.get_device_name(index),
+        )
+    return ok
+
+
+def _fp8_ok(device: torch.device) -> bool:
+    return _has_fp8(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@ops.linear_int8_wo.register_kernel("cuda")
+def _(x, weight, weight_scale, bias):
+    from qcompile.kernels.gemm_wo import linear_weight_only
+
+    return linear_weight_only(x, weight, weight_scale, None, bias, None, None, "int8")
+
+
+@ops.linear_fp8_wo.register_kernel("cuda")
+def _(x, weight, weight_scale, bias):
+    if not _fp8_ok(x.device):
+        return reference.linear_fp8_wo(x, weight, weight_scale, bias)
+    from qcompile.kernels.gemm_wo import linear_weight_only
+
+    return linear_weight_only(x, weight, weight_scale, None, bias, None, None, "fp8")
+
+
+@ops.linear_int4_wo.register_kernel("cuda")
+def _(x, weight, weight_scale, bias, group_size):
+    from qcompile.kernels.gemm_wo import linear_weight_only
+
+    return linear_weight_only(x, weight, weight_scale, None, bias, None, None, "int4", group_size)
+
+
+@ops.quantize_act_static.register_kernel("cuda")
+def _(x, scale, dtype):
+    if dtype is torch.float8_e4m3fn and not _fp8_ok(x.device):
+        return reference.quantize_act_static(x, scale, dtype)
+    from qcompile.kernels.quantize_act import quantize_act_static
+
+    return quantize_act_static(x, scale, dtype)
+
+
+@ops.quantize_act_dynamic.register_kernel("cuda")
+def _(x, dtype):
+    if dtype is torch.float8_e4m3fn and not _fp8_ok(x.device):
+        return reference.quantize_act_dynamic(x, dtype)
+    from qcompile.kernels.quantize_act import quantize_act_dynamic
+
+    return quantize_act_dynamic(x, dtype)
+
+
+@ops.linear_int8_w8a8.register_kernel("cuda")
+def _(x_q, x_scale, weight, weight_scale, bias, out_dtype):
+    from qcompile.kernels.gemm_w8a8 import linear_w8a8
+
+    return linear_w8a8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+
+
+@ops.linear_fp8_w8a8.register_kernel("cuda")
+def _(x_q, x_scale, weight, weight_scale, bias, out_dtype):
+    if not _fp8_ok(x_q.device):
+        return reference.linear_w8a8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+    from qcompile.kernels.gemm_w8a8 import linear_w8a8
+
+    return linear_w8a8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+
+
+@ops.linear_w4a16.register_kernel("cuda")
+def _(x, weight, weight_scale, weight_global_scale, bias, lora_down, lora_up, fmt, group_size):
+    args = (x, weight, weight_scale, weight_global_scale, bias, lora_down, lora_up, fmt, group_size)
+    if fmt != "int4" and not _fp8_ok(x.device):
+        return reference.w4.linear_w4a16(*args)
+    from qcompile.kernels.gemm_wo import linear_weight_only
+
+    return linear_weight_only(*args)
+
+
+@ops.linear_w4a4.register_kernel("cuda")
+def _(
+    x, weight, weight_scale, weight_global_scale, bias, smooth, lora_down, lora_up, fmt, group_size
+):
+    args = (
+        x, weight, weight_scale, weight_global_scale, bias, smooth, lora_down, lora_up, fmt,
+        group_size,
+    )  # fmt: skip
+    if fmt != "int4" and not _fp8_ok(x.device):
+        return reference.w4.linear_w4a4(*args)
+    from qcompile.kernels.gemm_w4a4 import linear_w4a4
+
+    return linear_w4a4(*args)
+
+
+@ops.smooth.register_kernel("cuda")
+def _(x, factors):
+    from qcompile.kernels.quantize_act import smooth
+
+    return smooth(x, factors)

@@ -1,0 +1,41 @@
+"""Every ``qcompile::`` op has a CUDA implementation (the Triton kernels) next to its CPU
+reference, and the launch-config tuner's rules."""
+
+from __future__ import annotations
+
+import torch
+from torch._library.custom_ops import CustomOpDef
+
+from qcompile.kernels import ops, tuning
+
+
+def _ops() -> list[str]:
+    return sorted(value._qualname for value in vars(ops).values() if isinstance(value, CustomOpDef))
+
+
+def test_every_op_has_a_cuda_kernel():
+    names = _ops()
+    assert len(names) == 10  # 3 weight-only, 2 act-quant, 2 W8A8, 2 4-bit linears, smooth
+    missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
+    assert missing == []
+
+
+def test_cpu_calls_run_the_reference():
+    x = torch.randn(3, 40)
+    q, scale = torch.ops.qcompile.quantize_act_dynamic(x, torch.int8)
+    assert q.dtype == torch.int8 and scale.shape == (3, 1)
+
+
+def test_tuner_uses_the_default_off_hopper():
+    tuner = tuning.Tuner("probe", tuning.config(BLOCK=1), [tuning.config(BLOCK=2)])
+    launched = []
+    assert tuner.pick(("k",), torch.device("cpu"), launched.append) == tuner.default
+    assert launched == [] and tuner.best == {}
+
+
+def test_m_buckets_and_config_floors():
+    assert [tuning.m_bucket(m) for m in (1, 2, 3, 512, 4097, 10**6)] == [1, 2, 4, 512, 8192, 16384]
+    c = tuning.config(num_warps=8, BLOCK_K=64, BLOCK_M=16)
+    assert c.at_least(BLOCK_K=128).meta == {"BLOCK_K": 128, "BLOCK_M": 16}
+    assert c.at_least(BLOCK_K=32) == c
+    assert c.kwargs() == {"BLOCK_K": 64, "BLOCK_M": 16, "num_warps": 8, "num_stages": 3}

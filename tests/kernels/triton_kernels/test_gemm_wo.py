@@ -1,0 +1,64 @@
+"""Weight-only GEMM kernel (8-bit and 4-bit weights, optional low-rank branch) vs the
+references of ``linear_{int8,fp8,int4}_wo`` and ``linear_w4a16``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcompile.kernels import gemm_wo as kernel
+from qcompile.kernels import reference
+from qcompile.kernels.reference import w4
+from qcompile.metrics import sqnr
+
+from .tolerances import INT4_DEQUANT_DB, LORA_BRANCH_DB, SUM_ORDER_DB
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _on(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_8bit_matches_reference(device, fmt, dtype):
+    x, w, bias = torch.randn(3, 23, 200).to(dtype), torch.randn(70, 200), torch.randn(70).to(dtype)
+    if fmt == "int8":
+        q, s = reference.quantize_int8_per_channel(w)
+        expected = reference.linear_int8_wo(x, q, s, bias)
+    else:
+        q, s = reference.quantize_fp8_per_channel(w)
+        expected = reference.linear_fp8_wo(x, q, s, bias)
+    y = kernel.linear_weight_only(*_on(device, x, q, s, None, bias, None, None), fmt)
+    assert y.dtype == dtype and y.shape == expected.shape
+    assert sqnr(expected, y.cpu()) >= SUM_ORDER_DB[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("fmt", "group"), [("int4", 64), ("int4", 128), ("mxfp4", 32), ("nvfp4", 16)]
+)
+def test_4bit_matches_reference(device, fmt, group, dtype):
+    # K = 200 is not a multiple of any group: the weight's tail is zero padding
+    x, w, bias = torch.randn(3, 23, 200).to(dtype), torch.randn(70, 200), torch.randn(70).to(dtype)
+    lora_down = (torch.randn(20, 200) * 0.1).to(dtype)
+    lora_up = (torch.randn(70, 20) * 0.1).to(dtype)
+    packed, scale, global_scale = w4.quantize_4bit(w, fmt, group)
+    args = (x, packed, scale, global_scale, bias, lora_down, lora_up)
+    y = kernel.linear_weight_only(*_on(device, *args), fmt, group)
+    expected = w4.linear_w4a16(*args, fmt, group)
+    # INT4 rounds code × scale to x's dtype; MXFP4 / NVFP4 block values are exact in 16 bits
+    threshold = INT4_DEQUANT_DB[dtype] if fmt == "int4" else LORA_BRANCH_DB[dtype]
+    assert sqnr(expected, y.cpu()) >= threshold
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_4bit_without_branch_single_row(device, fmt):
+    group = 64 if fmt == "int4" else 16
+    x, w = torch.randn(1, 96, dtype=torch.float16), torch.randn(40, 96)
+    packed, scale, global_scale = w4.quantize_4bit(w, fmt, group)
+    args = (x, packed, scale, global_scale, None, None, None)
+    y = kernel.linear_weight_only(*_on(device, *args), fmt, group)
+    expected = w4.linear_w4a16(*args, fmt, group)
+    assert sqnr(expected, y.cpu()) >= INT4_DEQUANT_DB[torch.float16]
