@@ -12,10 +12,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Under pytest-xdist (one worker per core) each worker keeps to one intra-op thread, so
-# the workers do not oversubscribe the cores.
+# Under pytest-xdist (one worker per core) each worker, and every process it starts,
+# keeps to one intra-op thread, so the workers do not oversubscribe the cores and a
+# fresh-process reload sums in the same order as the worker (bitwise comparisons).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
