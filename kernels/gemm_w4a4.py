@@ -36,6 +36,8 @@ from qcompile.kernels.numerics import (
     decode_e2m1,
     exp2i,
     mma,
+    ptr,
+    row_stride,
     sign_extend_int4,
     unpack_nibbles,
 )
@@ -170,14 +172,11 @@ def linear_w4a4(
 
     def launch(c):
         _w4a4_kernel[grid_2d(m, n, c)](
-            act.packed, act.scale, act.packed if act.global_scale is None else act.global_scale,
-            w, w_scale, w if weight_global_scale is None else weight_global_scale,
-            w if bias is None else bias, w if act.lora_act is None else act.lora_act,
-            w if lora_up is None else lora_up, y,
+            act.packed, act.scale, ptr(act.global_scale, w), w, w_scale,
+            ptr(weight_global_scale, w), ptr(bias, w), ptr(act.lora_act, w), ptr(lora_up, w), y,
             m, n, kp, rank,
             act.packed.stride(0), act.scale.stride(0), w.stride(0), w_scale.stride(0),
-            0 if act.lora_act is None else act.lora_act.stride(0),
-            0 if lora_up is None else lora_up.stride(0), y.stride(0),
+            row_stride(act.lora_act), row_stride(lora_up), y.stride(0),
             FMT=FORMAT_ID[fmt], G=g, HAS_BIAS=bias is not None,
             HAS_LORA=act.lora_act is not None, DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)),

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from qcompile.kernels.gemm_parts import GROUP_M, finish, grid_2d, tile
-from qcompile.kernels.numerics import alloc
+from qcompile.kernels.numerics import alloc, ptr, rows_view
 from qcompile.kernels.tuning import Tuner, config, m_bucket
 
 _TUNER = Tuner(
@@ -110,8 +110,7 @@ def linear_w8a8(
             f"got {x_q.dtype} × {weight.dtype}"
         )
     k = x_q.shape[-1]
-    a = x_q.reshape(-1, k)
-    a = a if a.stride(-1) == 1 else a.contiguous()
+    a = rows_view(x_q)
     m, n = a.shape[0], weight.shape[0]
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     a_scale = x_scale.reshape(-1).to(torch.float32).contiguous()
@@ -126,7 +125,7 @@ def linear_w8a8(
 
     def launch(c):
         _w8a8_kernel[grid_2d(m, n, c)](
-            a, a_scale, w, w_scale, a if bias is None else bias, y,
+            a, a_scale, w, w_scale, ptr(bias, a), y,
             m, n, k, a.stride(0), w.stride(0), y.stride(0),
             ROW_SCALE=a_scale.numel() > 1, CHANNEL_SCALE=w_scale.numel() > 1,
             IS_INT8=a.dtype is torch.int8, HAS_BIAS=bias is not None, GROUP_M=GROUP_M,

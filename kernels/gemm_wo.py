@@ -34,6 +34,9 @@ from qcompile.kernels.numerics import (
     decode_e2m1,
     exp2i,
     mma,
+    ptr,
+    row_stride,
+    rows_view,
     sign_extend_int4,
     unpack_nibbles,
 )
@@ -154,8 +157,7 @@ def linear_weight_only(
     if fmt not in WEIGHT_FORMAT_ID:
         raise ValueError(f"unknown weight format {fmt!r}; expected one of {list(WEIGHT_FORMAT_ID)}")
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    x2 = rows_view(x)
     m, n = x2.shape[0], weight.shape[0]
     four_bit = WEIGHT_FORMAT_ID[fmt] >= 2
     g = group_size if four_bit else 1
@@ -171,13 +173,11 @@ def linear_weight_only(
 
     def launch(c):
         _weight_only_kernel[grid_2d(m, n, c)](
-            x2, w, scale, x2 if weight_global_scale is None else weight_global_scale,
-            x2 if bias is None else bias, x2 if lora_act is None else lora_act,
-            x2 if lora_up is None else lora_up, y,
+            x2, w, scale, ptr(weight_global_scale, x2), ptr(bias, x2), ptr(lora_act, x2),
+            ptr(lora_up, x2), y,
             m, n, k, kp, rank,
-            x2.stride(0), w.stride(0), scale.stride(0),
-            0 if lora_act is None else lora_act.stride(0),
-            0 if lora_up is None else lora_up.stride(0), y.stride(0),
+            x2.stride(0), w.stride(0), scale.stride(0), row_stride(lora_act),
+            row_stride(lora_up), y.stride(0),
             WFMT=WEIGHT_FORMAT_ID[fmt], G=g, HAS_BIAS=bias is not None,
             HAS_LORA=lora_act is not None, DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_R=max(16, triton.next_power_of_2(rank)), GROUP_M=GROUP_M, **c.kwargs(),

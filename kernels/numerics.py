@@ -135,6 +135,24 @@ def sign_extend_int4(nibble):
     return tl.where(nibble >= 8, nibble - 16, nibble)
 
 
+# ---------------------------------------------------------------- launcher helpers
+
+
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as [M, K] with unit stride along K (a copy only when it must)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def ptr(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    """An optional operand's pointer argument; when absent its flag keeps it unread."""
+    return fallback if t is None else t
+
+
+def row_stride(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.stride(0)
+
+
 # Tests set this to fill every kernel output with garbage before launch, so an element a
 # kernel forgets to write cannot pass for a correct one.
 POISON = False

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.kernels.numerics import alloc, cast_rne, rne, round_e4m3
+from qcompile.kernels.numerics import alloc, cast_rne, rne, round_e4m3, rows_view
 from qcompile.kernels.reference.act import qmax
 from qcompile.kernels.tuning import Tuner, config, m_bucket
 
@@ -81,9 +81,7 @@ def _quantize(
     if dtype not in (torch.int8, torch.float8_e4m3fn):
         raise ValueError(f"activations quantize to int8 or float8_e4m3fn, not {dtype}")
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = rows_view(x)
     m = x2.shape[0]
     q = alloc((m, k), dtype, x.device)
     dynamic = scale is None
@@ -141,9 +139,7 @@ def _smooth_kernel(
 def smooth(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """x / factors per input channel (float32 math) in x.dtype."""
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = rows_view(x)
     y = alloc(x2.shape, x2.dtype, x2.device)
     block_m, block_k = 16, 256
     grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(k, block_k))

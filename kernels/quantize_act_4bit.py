@@ -32,8 +32,11 @@ from qcompile.kernels.numerics import (
     floor_log2,
     mma,
     pack_nibbles,
+    ptr,
     rne,
     round_e4m3,
+    row_stride,
+    rows_view,
 )
 from qcompile.kernels.reference import fp4
 from qcompile.kernels.tuning import Tuner, config, m_bucket
@@ -187,11 +190,6 @@ def _act_4bit_kernel(
         )
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def nvfp4_global_scale(x2: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
     """max|x / smooth| / (6 · 448) over the whole activation (1 when it is all zero)."""
     block_m, block_k = 64, 256
@@ -199,7 +197,7 @@ def nvfp4_global_scale(x2: torch.Tensor, smooth: torch.Tensor | None) -> torch.T
     partial = torch.zeros(programs, dtype=torch.float32, device=x2.device)
     if x2.shape[0]:
         _amax_kernel[(programs,)](
-            x2, x2 if smooth is None else smooth, partial, x2.shape[0], x2.shape[1],
+            x2, ptr(smooth, x2), partial, x2.shape[0], x2.shape[1],
             x2.stride(0), HAS_SMOOTH=smooth is not None, BLOCK_M=block_m, BLOCK_K=block_k,
         )  # fmt: skip
     top = partial.max()
@@ -216,7 +214,7 @@ def quantize_act_4bit(
     """One pass over x: (packed codes, scales, NVFP4 global, lora_act); see the module."""
     if fmt not in FORMAT_ID:
         raise ValueError(f"unknown 4-bit format {fmt!r}; expected int4, mxfp4 or nvfp4")
-    x2 = _rows(x)
+    x2 = rows_view(x)
     m, k = x2.shape
     g = group_size
     kp = triton.cdiv(k, g) * g
@@ -235,19 +233,14 @@ def quantize_act_4bit(
         return Act4(packed, scale, global_scale, lora_act)
     precision = "ieee" if lora_down is not None and lora_down.dtype is torch.float32 else "tf32"
 
-    def ptr(t):  # an absent tensor's pointer is never read: its flag turns the code off
-        return x2 if t is None else t
-
-    def stride(t):
-        return 0 if t is None else t.stride(0)
-
     def launch(c):
         grid = (triton.cdiv(m, c.meta["BLOCK_M"]),)
         _act_4bit_kernel[grid](
-            x2, ptr(smooth), ptr(global_scale), ptr(lora_down), ptr(packed), ptr(scale),
-            ptr(lora_act),
+            x2, ptr(smooth, x2), ptr(global_scale, x2), ptr(lora_down, x2), ptr(packed, x2),
+            ptr(scale, x2), ptr(lora_act, x2),
             m, k, kp, rank,
-            x2.stride(0), stride(packed), stride(scale), stride(lora_down), stride(lora_act),
+            x2.stride(0), row_stride(packed), row_stride(scale), row_stride(lora_down),
+            row_stride(lora_act),
             FMT=FORMAT_ID[fmt], G=g, HAS_SMOOTH=smooth is not None,
             HAS_LORA=lora_down is not None, DOT_PRECISION=precision,
             BLOCK_R=max(16, triton.next_power_of_2(rank)), **c.kwargs(),
