@@ -27,10 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.kernels.reference import fp8
+
 # Read when this module is imported, as @triton.jit reads TRITON_INTERPRET when it decorates.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
-FP8_E4M3_MAX = tl.constexpr(448.0)
+FP8_E4M3_MAX = tl.constexpr(fp8.FP8_E4M3_MAX)
 TWO_POW_M127 = tl.constexpr(5.877471754111438e-39)  # 2**-127, a float32 subnormal
 
 

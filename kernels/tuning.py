@@ -6,7 +6,8 @@ with a new shape key times each candidate with ``triton.testing.do_bench`` and k
 fastest; later calls reuse it. Timing launches kernels and synchronizes, which must never
 happen while a CUDA graph is being captured: a key first seen during capture gets the
 default config (with a warning to warm up first) and is tuned on its next eager call.
-``QCOMPILE_AUTOTUNE=0`` turns tuning off (every launch uses the default).
+``QCOMPILE_AUTOTUNE=0`` turns tuning off (read when a shape key is first met; each
+key's decision is then one dictionary lookup per launch).
 
 Shape keys bucket M (tokens × batch) to a power of two, so a model whose token count
 varies is tuned once per bucket, not once per length.
@@ -64,7 +65,8 @@ class Tuner:
         self.name = name
         self.default = default
         self.hopper = tuple(hopper)
-        self.best: dict[tuple, Config] = {}
+        self.best: dict[tuple, Config] = {}  # tuned on sm_90
+        self._picked: dict[tuple, Config] = {}  # every decision: one lookup per launch
         self._warned_capture = False
 
     def candidates(self, device: torch.device) -> tuple[Config, ...]:
@@ -81,12 +83,12 @@ class Tuner:
         launch: Callable[[Config], object],
         valid: Callable[[Config], bool] = lambda c: True,
     ) -> Config:
+        picked = self._picked.get((device.type, device.index, *key))
+        if picked is not None:
+            return picked
         candidates = [c for c in self.candidates(device) if valid(c)]
         if not candidates:
-            return self.default
-        full_key = (device.index, *key)
-        if full_key in self.best:
-            return self.best[full_key]
+            return self._remember(device, key, self.default)
         if torch.cuda.is_current_stream_capturing():
             if not self._warned_capture:
                 log.warning(
@@ -97,8 +99,12 @@ class Tuner:
                 )
                 self._warned_capture = True
             return self.default
-        self.best[full_key] = self._time(key, candidates, launch)
-        return self.best[full_key]
+        self.best[(device.index, *key)] = self._time(key, candidates, launch)
+        return self._remember(device, key, self.best[(device.index, *key)])
+
+    def _remember(self, device: torch.device, key: tuple, chosen: Config) -> Config:
+        self._picked[(device.type, device.index, *key)] = chosen
+        return chosen
 
     def _time(
         self, key: tuple, candidates: Sequence[Config], launch: Callable[[Config], object]
