@@ -10,13 +10,10 @@ from qcompile.kernels import gemm_w4a4 as kernel
 from qcompile.kernels.reference import w4
 from qcompile.metrics import sqnr
 
+from .helpers import on
 from .tolerances import LORA_BRANCH_DB, SUM_ORDER_DB
 
 FORMATS = [("int4", 64), ("int4", 128), ("mxfp4", 32), ("nvfp4", 16)]
-
-
-def _on(device, *tensors):
-    return [None if t is None else t.to(device) for t in tensors]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -31,7 +28,7 @@ def test_svdquant_matches_reference(device, fmt, group, dtype):
     lora_up = (torch.randn(70, 20) * 0.1).to(dtype)
     packed, scale, global_scale = w4.quantize_4bit(w, fmt, group)
     args = (x, packed, scale, global_scale, bias, smooth, lora_down, lora_up)
-    y = kernel.linear_w4a4(*_on(device, *args), fmt, group)
+    y = kernel.linear_w4a4(*on(device, *args), fmt, group)
     expected = w4.linear_w4a4(*args, fmt, group)
     assert y.dtype == dtype and y.shape == (3, 23, 70)
     assert sqnr(expected, y.cpu()) >= LORA_BRANCH_DB[dtype]
@@ -42,6 +39,6 @@ def test_plain_w4a4_single_row(device, fmt, group):
     x, w = torch.randn(1, 128, dtype=torch.bfloat16), torch.randn(40, 128)
     packed, scale, global_scale = w4.quantize_4bit(w, fmt, group)
     args = (x, packed, scale, global_scale, None, None, None, None)
-    y = kernel.linear_w4a4(*_on(device, *args), fmt, group)
+    y = kernel.linear_w4a4(*on(device, *args), fmt, group)
     expected = w4.linear_w4a4(*args, fmt, group)
     assert sqnr(expected, y.cpu()) >= SUM_ORDER_DB[torch.bfloat16]

@@ -9,6 +9,7 @@ from qcompile.kernels import gemm_w8a8 as kernel
 from qcompile.kernels import reference
 from qcompile.metrics import sqnr
 
+from .helpers import on
 from .tolerances import SUM_ORDER_DB
 
 QUANTIZE_WEIGHT = {
@@ -28,7 +29,7 @@ def test_matches_reference(device, dtype, out_dtype, granularity):
     if granularity == "tensor":
         x_scale, w_scale, bias = x_scale.amax().reshape(()), w_scale.amax().reshape(()), None
     args = (x_q, x_scale, w_q, w_scale, bias)
-    y = kernel.linear_w8a8(*(None if a is None else a.to(device) for a in args), out_dtype)
+    y = kernel.linear_w8a8(*on(device, *args), out_dtype)
     expected = reference.linear_w8a8(*args, out_dtype)
     assert y.dtype == out_dtype and y.shape == (3, 23, 70)
     assert sqnr(expected, y.cpu()) >= SUM_ORDER_DB[out_dtype]
@@ -38,7 +39,7 @@ def test_single_row(device):
     x_q, x_scale = reference.quantize_act_dynamic(torch.randn(1, 200), torch.int8)
     w_q, w_scale = reference.quantize_int8_per_channel(torch.randn(70, 200))
     args = (x_q, x_scale, w_q, w_scale, None)
-    y = kernel.linear_w8a8(*(None if a is None else a.to(device) for a in args), torch.bfloat16)
+    y = kernel.linear_w8a8(*on(device, *args), torch.bfloat16)
     # INT8 sums are exact on both sides and the scales multiply in the same order
     assert torch.equal(y.cpu(), reference.linear_w8a8(*args, torch.bfloat16))
 

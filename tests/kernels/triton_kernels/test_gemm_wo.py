@@ -11,13 +11,10 @@ from qcompile.kernels import reference
 from qcompile.kernels.reference import w4
 from qcompile.metrics import sqnr
 
+from .helpers import on
 from .tolerances import INT4_DEQUANT_DB, LORA_BRANCH_DB, SUM_ORDER_DB
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-
-
-def _on(device, *tensors):
-    return [None if t is None else t.to(device) for t in tensors]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -30,7 +27,7 @@ def test_8bit_matches_reference(device, fmt, dtype):
     else:
         q, s = reference.quantize_fp8_per_channel(w)
         expected = reference.linear_fp8_wo(x, q, s, bias)
-    y = kernel.linear_weight_only(*_on(device, x, q, s, None, bias, None, None), fmt)
+    y = kernel.linear_weight_only(*on(device, x, q, s, None, bias, None, None), fmt)
     assert y.dtype == dtype and y.shape == expected.shape
     assert sqnr(expected, y.cpu()) >= SUM_ORDER_DB[dtype]
 
@@ -46,7 +43,7 @@ def test_4bit_matches_reference(device, fmt, group, dtype):
     lora_up = (torch.randn(70, 20) * 0.1).to(dtype)
     packed, scale, global_scale = w4.quantize_4bit(w, fmt, group)
     args = (x, packed, scale, global_scale, bias, lora_down, lora_up)
-    y = kernel.linear_weight_only(*_on(device, *args), fmt, group)
+    y = kernel.linear_weight_only(*on(device, *args), fmt, group)
     expected = w4.linear_w4a16(*args, fmt, group)
     # INT4 rounds code × scale to x's dtype; MXFP4 / NVFP4 block values are exact in 16 bits
     threshold = INT4_DEQUANT_DB[dtype] if fmt == "int4" else LORA_BRANCH_DB[dtype]
@@ -59,6 +56,6 @@ def test_4bit_without_branch_single_row(device, fmt):
     x, w = torch.randn(1, 96, dtype=torch.float16), torch.randn(40, 96)
     packed, scale, global_scale = w4.quantize_4bit(w, fmt, group)
     args = (x, packed, scale, global_scale, None, None, None)
-    y = kernel.linear_weight_only(*_on(device, *args), fmt, group)
+    y = kernel.linear_weight_only(*on(device, *args), fmt, group)
     expected = w4.linear_w4a16(*args, fmt, group)
     assert sqnr(expected, y.cpu()) >= INT4_DEQUANT_DB[torch.float16]

@@ -8,12 +8,10 @@ import torch
 from qcompile.kernels import ops, reference
 from qcompile.kernels import quantize_act as kernel
 
+from .helpers import bits
+
 # [3, 23, 600]: 69 rows (not a multiple of BLOCK_M), K = 600 (not a multiple of BLOCK_K)
 SHAPES = [(3, 23, 600), (1, 70)]
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.cpu().view(torch.uint8) if t.element_size() == 1 else t.cpu()
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -25,7 +23,7 @@ def test_dynamic_matches_reference_bitwise(device, dtype, x_dtype, shape):
     q, scale = kernel.quantize_act_dynamic(x.to(device), dtype)
     expected_q, expected_scale = reference.quantize_act_dynamic(x, dtype)
     assert q.dtype == dtype and q.shape == x.shape and scale.shape == (*shape[:-1], 1)
-    assert torch.equal(_bits(q), _bits(expected_q))
+    assert torch.equal(bits(q), bits(expected_q))
     assert torch.equal(scale.cpu(), expected_scale)
 
 
@@ -35,7 +33,7 @@ def test_static_matches_reference_bitwise(device, dtype, x_dtype):
     x = (torch.randn(3, 23, 600) * 5).to(x_dtype)
     scale = torch.tensor(0.013)  # small enough that some values saturate
     q = kernel.quantize_act_static(x.to(device), scale.to(device), dtype)
-    assert torch.equal(_bits(q), _bits(reference.quantize_act_static(x, scale, dtype)))
+    assert torch.equal(bits(q), bits(reference.quantize_act_static(x, scale, dtype)))
 
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])

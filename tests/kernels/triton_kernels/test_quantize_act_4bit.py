@@ -14,12 +14,10 @@ from qcompile.kernels import quantize_act_4bit as kernel
 from qcompile.kernels.reference import w4
 from qcompile.metrics import sqnr
 
+from .helpers import bits
+
 SUM_ORDER_DB = 120.0
 FORMATS = [("int4", 64), ("int4", 128), ("mxfp4", 32), ("nvfp4", 16), (None, 64)]
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.cpu().view(torch.uint8) if t.element_size() == 1 else t.cpu()
 
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
@@ -39,8 +37,8 @@ def test_matches_reference(device, fmt, group, x_dtype):
         assert got.packed is None and got.scale is None and got.global_scale is None
     else:
         assert got.scale.dtype == scale.dtype and got.scale.shape == scale.shape
-        assert torch.equal(_bits(got.packed), _bits(packed))
-        assert torch.equal(_bits(got.scale), _bits(scale))
+        assert torch.equal(bits(got.packed), bits(packed))
+        assert torch.equal(bits(got.scale), bits(scale))
         if fmt == "nvfp4":
             assert torch.equal(got.global_scale.cpu(), global_scale)
     assert sqnr(lora_act, got.lora_act.cpu()) >= SUM_ORDER_DB
@@ -52,5 +50,5 @@ def test_without_smoothing_or_branch(device, fmt, group):
     got = kernel.quantize_act_4bit(x.to(device), None, None, fmt, group)
     packed, scale, _, _ = w4.quantize_act_4bit(x, None, None, fmt, group)
     assert got.lora_act is None
-    assert torch.equal(_bits(got.packed), _bits(packed))
-    assert torch.equal(_bits(got.scale), _bits(scale))
+    assert torch.equal(bits(got.packed), bits(packed))
+    assert torch.equal(bits(got.scale), bits(scale))
