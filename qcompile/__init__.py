@@ -14,7 +14,7 @@ Public API (everything else is internal and may change):
     QCompileError and its subclasses
 """
 
-from qcompile import kernels as _kernels  # noqa: F401 - registers the qcompile:: ops
+from qcompile import _checkout  # noqa: F401 - first: maps qcompile.kernels in a checkout
 from qcompile import presets as _presets  # noqa: F401 - registers the named recipes
 from qcompile.api import QuantizationState, dequantize, is_quantized, quantize
 from qcompile.calibration import CalibrationError, CalibrationSet, capture_calibration
@@ -29,6 +29,7 @@ from qcompile.errors import (
 )
 from qcompile.integrations.diffusers import QCompileQuantizer, register
 from qcompile.integrations.diffusers_config import QCompileConfig
+from qcompile.kernels import cuda as _cuda  # noqa: F401 - the ops' Triton kernels for CUDA
 from qcompile.metrics import sqnr, weight_bytes
 from qcompile.recipes import (
     ActivationFormat,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qcompile.kernels import ops as _ops  # noqa: F401 - defines torch.ops.qcompile.*
 from qcompile.kernels import reference
 from qcompile.recipes import (
     FOUR_BIT_ACTIVATIONS,
