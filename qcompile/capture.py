@@ -53,6 +53,8 @@ def capture(
     """
     signature = inspect.signature(module.forward)
     _check_inputs(module, signature, example_inputs)
+    # A real call's kwargs often carry return_dict; the capture fixes it (False) itself.
+    example_inputs = {k: v for k, v in example_inputs.items() if k != RETURN_DICT}
     kwargs = dict(example_inputs)
     has_return_dict = RETURN_DICT in signature.parameters
     if has_return_dict:

@@ -96,6 +96,24 @@ def test_any_diffusers_model_with_example_inputs():
     assert qcompile.sqnr(reference, out) > PIXART_INT8_SQNR_DB
 
 
+@pytest.mark.parametrize("return_dict", [False, True])
+def test_example_inputs_of_a_real_call_may_carry_return_dict(return_dict):
+    # A forward call's kwargs, copied as they are, include return_dict; the capture
+    # fixes it itself and the model still answers both forms of the call.
+    model = tiny_pixart()
+    held_out = pixart_inputs(batch=1, text=5)
+    with torch.no_grad():
+        reference = model(**held_out, return_dict=False)[0]
+        qcompile.quantize(
+            model, "int8-wo", example_inputs={**pixart_inputs(), "return_dict": return_dict}
+        )
+        as_tuple = model(**held_out, return_dict=False)[0]
+        as_output = model(**held_out).sample
+    assert runtime_of(model).calls["graph"] == 2, runtime_of(model).last_reason
+    assert torch.equal(as_tuple, as_output)
+    assert qcompile.sqnr(reference, as_tuple) > PIXART_INT8_SQNR_DB
+
+
 def test_calibration_sample_serves_as_example_inputs():
     model = tiny_pixart()
     qcompile.quantize(model, "fp8-wo", calibration=[pixart_inputs()])
