@@ -21,6 +21,8 @@ from qcompile.kernels import ops, reference
 log = logging.getLogger(__name__)
 
 FP8_CAPABILITY = (8, 9)
+# Weight formats whose kernels need FP8 (e4m3 operands or scales): sm_89 and newer.
+FP8_FORMATS = frozenset({"fp8", "mxfp4", "nvfp4"})
 
 
 @cache
@@ -99,7 +101,7 @@ def _(x_q, x_scale, weight, weight_scale, bias, out_dtype):
 @ops.linear_w4a16.register_kernel("cuda")
 def _(x, weight, weight_scale, weight_global_scale, bias, lora_down, lora_up, fmt, group_size):
     args = (x, weight, weight_scale, weight_global_scale, bias, lora_down, lora_up, fmt, group_size)
-    if fmt != "int4" and not _fp8_ok(x.device):
+    if fmt in FP8_FORMATS and not _fp8_ok(x.device):
         return reference.w4.linear_w4a16(*args)
     from qcompile.kernels.gemm_wo import linear_weight_only
 
@@ -114,7 +116,7 @@ def _(
         x, weight, weight_scale, weight_global_scale, bias, smooth, lora_down, lora_up, fmt,
         group_size,
     )  # fmt: skip
-    if fmt != "int4" and not _fp8_ok(x.device):
+    if fmt in FP8_FORMATS and not _fp8_ok(x.device):
         return reference.w4.linear_w4a4(*args)
     from qcompile.kernels.gemm_w4a4 import linear_w4a4
 

@@ -38,6 +38,7 @@ from qcompile.kernels.numerics import (
     mma,
     ptr,
     row_stride,
+    scale_groups,
     sign_extend_int4,
     unpack_nibbles,
 )
@@ -50,9 +51,11 @@ _TUNER = Tuner(
     "linear_w4a4",
     default=config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     hopper=[
+        # Each group's partial product is a second BLOCK_M × BLOCK_N float32 tile beside
+        # the accumulator: 128×256 and 256×128 tiles spill even with 8 warps.
         config(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4),
-        config(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3),
-        config(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3),
+        config(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=3),
         config(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
         config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=5),
     ],
@@ -111,11 +114,13 @@ def _w4a4_kernel(
             tl.load(w_ptr + safe_cols[:, None] * stride_wn + half[None, :]), BLOCK_N, BLOCK_K
         )
         if FMT == 3:
-            k = k0 + tl.arange(0, BLOCK_K)
-            sa = tl.load(a_scale_ptr + safe_rows[:, None] * stride_asm + (k // G)[None, :])
-            sw = tl.load(w_scale_ptr + safe_cols[:, None] * stride_wsn + (k // G)[None, :])
-            a16 = cast_rne(decode_e2m1(a) * sa.to(tl.float32), tl.bfloat16)
-            w16 = cast_rne(decode_e2m1(w) * sw.to(tl.float32), tl.bfloat16)
+            groups = k0 // G + tl.arange(0, BLOCK_K // G)
+            sa = tl.load(a_scale_ptr + safe_rows[:, None] * stride_asm + groups[None, :])
+            sw = tl.load(w_scale_ptr + safe_cols[:, None] * stride_wsn + groups[None, :])
+            a32 = scale_groups(decode_e2m1(a), sa.to(tl.float32), BLOCK_M, BLOCK_K, BLOCK_K // G)
+            w32 = scale_groups(decode_e2m1(w), sw.to(tl.float32), BLOCK_N, BLOCK_K, BLOCK_K // G)
+            a16 = cast_rne(a32, tl.bfloat16)
+            w16 = cast_rne(w32, tl.bfloat16)
             acc = mma(a16, tl.trans(w16), acc, "tf32")
         else:
             group = k0 // G

@@ -79,7 +79,10 @@ def _w8a8_kernel(
             mask=k_ok[None, :],
             other=0.0,
         )
-        acc = tl.dot(a, tl.trans(w), acc)
+        if IS_INT8:  # exact int32 sums (tl.dot's default out_dtype is float32)
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
     out = acc.to(tl.float32)
     if ROW_SCALE:
         out = out * tl.load(a_scale_ptr + safe_rows)[:, None]

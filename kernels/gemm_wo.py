@@ -37,6 +37,7 @@ from qcompile.kernels.numerics import (
     ptr,
     row_stride,
     rows_view,
+    scale_groups,
     sign_extend_int4,
     unpack_nibbles,
 )
@@ -47,15 +48,16 @@ WEIGHT_FORMAT_ID = {"int8": 0, "fp8": 1, "int4": 2, "mxfp4": 3, "nvfp4": 4}
 
 _TUNER = Tuner(
     "linear_weight_only",
-    default=config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    # 8 warps: with 4, NVFP4's dequantization spills on sm_90 (Triton 3.9)
+    default=config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
     hopper=[
         # small M (memory-bound): narrow rows, many column tiles, deep K steps
         config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
         config(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
-        config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3),
+        config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
         # large M (compute-bound)
         config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
         config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
     ],
 )
@@ -97,6 +99,7 @@ def _weight_only_kernel(
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    GROUPS: tl.constexpr = BLOCK_K // G if BLOCK_K >= G else 1  # scale groups per tile
     rows, cols = tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     safe_rows = rows % M
     safe_cols = cols % N
@@ -121,14 +124,24 @@ def _weight_only_kernel(
                 other=0,
             )
             codes = unpack_nibbles(packed, BLOCK_N, BLOCK_K)
-            group = tl.minimum(k // G, Kp // G - 1)  # past Kp the codes load as 0
-            scale = tl.load(w_scale_ptr + safe_cols[:, None] * stride_sn + group[None, :])
+            # One scale per row and group: [BLOCK_N, BLOCK_K / G] (or the tile's single
+            # group when BLOCK_K < G), broadcast over the group's G values.
+            groups = k0 // G + tl.arange(0, GROUPS)
+            scale = tl.load(
+                w_scale_ptr + safe_cols[:, None] * stride_sn + groups[None, :],
+                mask=groups[None, :] < Kp // G,  # past Kp the codes load as 0
+                other=0.0,
+            )
             if WFMT == 2:
-                w = sign_extend_int4(codes).to(tl.float32) * scale
+                values = sign_extend_int4(codes).to(tl.float32)
+                scale = scale.to(tl.float32)
             elif WFMT == 3:
-                w = decode_e2m1(codes) * exp2i(scale.to(tl.int32) - 127)
+                values = decode_e2m1(codes)
+                scale = exp2i(scale.to(tl.int32) - 127)
             else:
-                w = decode_e2m1(codes) * scale.to(tl.float32)
+                values = decode_e2m1(codes)
+                scale = scale.to(tl.float32)
+            w = scale_groups(values, scale, BLOCK_N, BLOCK_K, GROUPS)
         w = cast_rne(w, x_ptr.dtype.element_ty)
         acc = mma(x, tl.trans(w), acc, DOT_PRECISION)
     if WFMT <= 1:

@@ -132,6 +132,20 @@ def pack_nibbles(codes, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def scale_groups(values, scale, ROWS: tl.constexpr, COLS: tl.constexpr, GROUPS: tl.constexpr):
+    """values [ROWS, COLS] × scale [ROWS, GROUPS], each scale over COLS // GROUPS columns.
+
+    Loading one scale per group and broadcasting it keeps the scale tile GROUPS wide
+    instead of COLS wide (a [ROWS, COLS] float32 scale tile costs registers and, when
+    pipelined, shared memory per stage).
+    """
+    if GROUPS == 1:
+        return values * scale
+    grouped = tl.reshape(values, (ROWS, GROUPS, COLS // GROUPS))
+    return tl.reshape(grouped * scale[:, :, None], (ROWS, COLS))
+
+
+@triton.jit
 def sign_extend_int4(nibble):
     """Nibble 0..15 → int4 value -8..7."""
     return tl.where(nibble >= 8, nibble - 16, nibble)
