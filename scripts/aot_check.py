@@ -1,0 +1,410 @@
+"""AOT compile gate: every Triton kernel the CUDA launchers launch, compiled for real
+GPU targets on this machine's Triton, with no GPU.
+
+Triton's interpreter (what the CPU test suite runs) never lowers a kernel to PTX, so a
+kernel that fails to compile, or needs more shared memory than a GPU has, passes there.
+This gate compiles each launch for sm_90, sm_89 and sm_80 with ``triton.compile`` and a
+``GPUTarget`` and fails on a compile error or shared memory over the target's limit.
+
+What is compiled is what the launchers launch, collected by running them: each launcher
+in ``qcompile.kernels`` is called on CPU tensors of one representative Flux shape while
+a stand-in driver reports the target and Triton's ``jit_cache_hook`` records each launch
+(signature, specialization, constexprs, num_warps/stages) instead of compiling it. The
+tuner is asked for every config it may launch on the target (the default everywhere,
+the candidates on sm_90), and ops that run their reference below sm_89 (FP8, MXFP4,
+NVFP4: see ``qcompile.kernels.cuda``) are not collected there.
+
+Each compiled kernel reports shared memory (from the compiler), registers and spills
+(ptxas' log) and the MMA instructions in its PTX; the gate also fails when a kernel that
+must use Hopper's ``wgmma`` (FP8 W8A8, W4A4's 8-bit MMA, for tiles of 64+ rows) does not.
+
+    python scripts/aot_check.py [--cc 90 89 80] [--only NAME ...] [--json OUT] [--jobs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from unittest import mock
+
+# Compiling needs the real @triton.jit functions, not the interpreter's, and a cache of
+# our own so every kernel is compiled (and ptxas' log printed) in this run.
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="qcompile-aot-")
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.driver import driver
+
+from qcompile.kernels import cuda as cuda_ops
+from qcompile.kernels import gemm_w4a4, gemm_w8a8, gemm_wo, quantize_act
+from qcompile.kernels.tuning import HOPPER, Tuner
+
+# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes.
+SHARED_LIMIT = {90: 232_448, 89: 101_376, 80: 166_912}
+# One representative Flux-sized launch: M tokens × K → N, the SVDQuant rank.
+M, K, N, RANK = 4096, 3072, 3072, 32
+DTYPES = (torch.bfloat16, torch.float16)
+# The MMA each GEMM must run on sm_90 for tiles of 64+ rows (Hopper's warpgroup MMA;
+# the 4-bit formats unpack to 8-bit operands, NVFP4 to bfloat16: see gemm_w4a4.py).
+WGMMA_REQUIRED = {
+    ("_w8a8_kernel", "int8"): "wgmma s8",
+    ("_w8a8_kernel", "fp8"): "wgmma e4m3",
+    ("_w4a4_kernel", "int4"): "wgmma s8",
+    ("_w4a4_kernel", "mxfp4"): "wgmma e4m3",
+    ("_w4a4_kernel", "nvfp4"): "wgmma bf16",
+}
+# (format, group, low-rank branch) of each weight-only linear the presets produce; the
+# branch (svdq-w4a16) also runs the activation pass.
+WEIGHT_ONLY = (
+    ("int8", 1, False),
+    ("fp8", 1, False),
+    ("int4", 64, False),
+    ("int4", 128, False),
+    ("int4", 64, True),
+    ("mxfp4", 32, False),
+    ("nvfp4", 16, False),
+)
+W4A4 = (("int4", 64), ("mxfp4", 32), ("nvfp4", 16))  # smoothed, with the branch
+
+
+@dataclass
+class Launch:
+    """One launch the launchers made: enough to compile it for a target."""
+
+    case: str  # which launcher call produced it, e.g. "w4a4 int4 bf16"
+    module: str
+    kernel: str
+    signature: dict[str, str]
+    constants: dict
+    attrs: dict
+    num_warps: int
+    num_stages: int
+    cc: int
+
+    def config(self) -> str:
+        meta = {
+            name.split("_", 1)[1]: value
+            for name, value in self.named_constants().items()
+            if name.startswith("BLOCK_")
+        }
+        blocks = "×".join(str(meta[k]) for k in ("M", "N", "K") if k in meta)
+        return f"{blocks} w{self.num_warps} s{self.num_stages}"
+
+    def named_constants(self) -> dict[str, object]:
+        names = list(self.signature)
+        return {names[path[0]]: value for path, value in self.constants.items()}
+
+    def identity(self) -> tuple:
+        return (self.kernel, self.cc, repr(self.signature), repr(self.constants), repr(self.attrs),
+                self.num_warps, self.num_stages)  # fmt: skip
+
+
+@dataclass
+class Result:
+    launch: Launch
+    ok: bool
+    shared: int = 0
+    registers: int = 0
+    spill_bytes: int = 0
+    mma: list[str] = field(default_factory=list)
+    error: str = ""
+    seconds: float = 0.0
+
+    def problems(self) -> list[str]:
+        found = [self.error] if self.error else []
+        limit = SHARED_LIMIT[self.launch.cc]
+        if self.ok and self.shared > limit:
+            found.append(f"shared memory {self.shared} B > sm_{self.launch.cc} limit {limit} B")
+        if self.spill_bytes:
+            found.append(f"spills {self.spill_bytes} B ({self.registers} registers)")
+        wanted = WGMMA_REQUIRED.get((self.launch.kernel, self.launch.case.split()[1]))
+        wide = self.launch.named_constants().get("BLOCK_M", 0) >= 64
+        if self.ok and self.launch.cc == 90 and wanted and wide and wanted not in self.mma:
+            found.append(f"no {wanted} on sm_90 (MMA: {self.mma or 'none'})")
+        return found
+
+
+# ---------------------------------------------------------------- collection
+
+
+class StandInDriver:
+    """What JITFunction.run asks the active driver before its compile hook runs."""
+
+    def __init__(self, cc: int):
+        self.target = GPUTarget("cuda", cc, 32)
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int) -> int:
+        return 0
+
+
+def collect(cc: int, only: set[str]) -> list[Launch]:
+    """Run every launcher as the CUDA dispatch would on `cc`; record each launch."""
+    launches: list[Launch] = []
+    case = ""
+
+    def record(*, fn, compile, **_):
+        launches.append(
+            Launch(
+                case=case,
+                module=fn.module if isinstance(fn.module, str) else fn.module.__name__,
+                kernel=fn.name,
+                signature=dict(compile["signature"]),
+                constants=dict(compile["constants"]),
+                attrs=dict(compile["configs"][0]),
+                num_warps=compile["num_warps"],
+                num_stages=compile["num_stages"],
+                cc=cc,
+            )
+        )
+        return True  # skip compiling and launching
+
+    def every_config(tuner, key, device, launch, valid=lambda c: True):
+        if capability(cc) == HOPPER:
+            for candidate in tuner.hopper:
+                if valid(candidate):
+                    launch(candidate)
+        return tuner.default  # the launcher launches it
+
+    driver.set_active(StandInDriver(cc))
+    previous_hook = triton.knobs.runtime.jit_cache_hook
+    triton.knobs.runtime.jit_cache_hook = record
+    try:
+        with mock.patch.object(Tuner, "pick", every_config), torch.no_grad():
+            for name, run in launcher_cases(cc):
+                if only and not any(word in name for word in only):
+                    continue
+                case = name
+                run()
+    finally:
+        triton.knobs.runtime.jit_cache_hook = previous_hook  # (no driver to go back to)
+    unique = {launch.identity(): launch for launch in launches}
+    return list(unique.values())
+
+
+def capability(cc: int) -> tuple[int, int]:
+    return cc // 10, cc % 10
+
+
+def launcher_cases(cc: int):
+    """(name, call) for every launcher × format × dtype the CUDA dispatch runs on `cc`."""
+    fp8 = capability(cc) >= cuda_ops.FP8_CAPABILITY
+
+    def runs(fmt: str) -> bool:
+        return fp8 or fmt not in cuda_ops.FP8_FORMATS
+
+    for dtype in DTYPES:
+        dt = "bf16" if dtype is torch.bfloat16 else "fp16"
+        x = torch.zeros(M, K, dtype=dtype)
+        bias = torch.zeros(N, dtype=dtype)
+        down, up = torch.zeros(RANK, K, dtype=dtype), torch.zeros(N, RANK, dtype=dtype)
+        smooth = torch.ones(K, dtype=torch.float32)
+        for fmt, qdtype in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
+            if not runs(fmt):
+                continue
+            one = torch.ones(())
+            yield (
+                f"quantize_act {fmt} {dt} static",
+                partial(quantize_act.quantize_act_static, x, one, qdtype),
+            )
+            yield (
+                f"quantize_act {fmt} {dt} dynamic",
+                partial(quantize_act.quantize_act_dynamic, x, qdtype),
+            )
+            x_q, w_q = torch.zeros(M, K, dtype=qdtype), torch.zeros(N, K, dtype=qdtype)
+            # the presets' scale layouts: static per-tensor × per-channel, dynamic per-row
+            for scales, x_scale in (("static", one), ("dynamic", torch.ones(M, 1))):
+                yield (
+                    f"w8a8 {fmt} {dt} {scales}",
+                    partial(gemm_w8a8.linear_w8a8, x_q, x_scale, w_q, torch.ones(N), bias, dtype),
+                )
+        yield f"smooth - {dt}", partial(quantize_act.smooth, x, smooth)
+        for fmt, group, lora in WEIGHT_ONLY:
+            if runs(fmt):
+                weight, scale, global_scale = weight_operands(fmt, group)
+                branch = (down, up) if lora else (None, None)
+                yield f"weight_only {fmt} {dt} g{group}{' lora' if lora else ''}", partial(
+                    gemm_wo.linear_weight_only,
+                    x, weight, scale, global_scale, bias, *branch, fmt, group,
+                )  # fmt: skip
+        for fmt, group in W4A4:
+            if runs(fmt):
+                weight, scale, global_scale = weight_operands(fmt, group)
+                yield f"w4a4 {fmt} {dt} g{group}", partial(
+                    gemm_w4a4.linear_w4a4,
+                    x, weight, scale, global_scale, bias, smooth, down, up, fmt, group,
+                )  # fmt: skip
+
+
+def weight_operands(fmt: str, group: int):
+    """Packed weight, scale and global scale of `fmt` in the checkpoint's dtypes."""
+    if fmt in ("int8", "fp8"):
+        dtype = torch.int8 if fmt == "int8" else torch.float8_e4m3fn
+        return torch.zeros(N, K, dtype=dtype), torch.ones(N), None
+    scale_dtype = {"int4": torch.float32, "mxfp4": torch.uint8, "nvfp4": torch.float8_e4m3fn}
+    scale = torch.ones(N, K // group).to(scale_dtype[fmt])
+    global_scale = torch.ones(()) if fmt == "nvfp4" else None
+    return torch.zeros(N, K // 2, dtype=torch.uint8), scale, global_scale
+
+
+# ---------------------------------------------------------------- compilation
+
+PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+PTX_MMA = re.compile(r"\b(wgmma\.mma_async\S*|mma\.sync\S*)")
+
+
+def compile_launch(launch: Launch) -> Result:
+    module = sys.modules.get(launch.module) or __import__(launch.module, fromlist=["_"])
+    kernel = getattr(module, launch.kernel)
+    source = ASTSource(kernel, launch.signature, launch.constants, launch.attrs)
+    target = GPUTarget("cuda", launch.cc, 32)
+    options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(source, target=target, options=options)
+    except Exception as error:  # the gate reports every failure, then fails
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        message = f"{type(error).__name__}: " + " | ".join(lines[-4:])  # the cause is last
+        return Result(launch, ok=False, error=message,
+                      seconds=time.perf_counter() - start)  # fmt: skip
+    text = log.getvalue()
+    registers = [int(r) for r in PTXAS_REGISTERS.findall(text)]
+    spills = [int(s) + int(lo) for s, lo in PTXAS_SPILLS.findall(text)]
+    mma = sorted({kind_of(m) for m in PTX_MMA.findall(compiled.asm["ptx"])})
+    return Result(
+        launch,
+        ok=True,
+        shared=int(compiled.metadata.shared),
+        registers=max(registers, default=0),
+        spill_bytes=max(spills, default=0),
+        mma=mma,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def kind_of(instruction: str) -> str:
+    """'wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3' → 'wgmma e4m3'."""
+    parts = instruction.split(".")
+    operand = next((p for p in parts if p in ("e4m3", "e5m2", "s8", "u8", "bf16", "f16", "tf32")),
+                   "f32")  # fmt: skip
+    return f"{'wgmma' if parts[0] == 'wgmma' else 'mma'} {operand}"
+
+
+# ---------------------------------------------------------------- report
+
+
+def summarize(results: list[Result]) -> list[dict]:
+    """One row per kernel × CC: launches, ok, max smem/regs/spills, MMA kinds."""
+    groups: dict[tuple, list[Result]] = defaultdict(list)
+    for r in results:
+        groups[r.launch.kernel, r.launch.cc].append(r)
+    rows = []
+    for (kernel, cc), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        compiled = [r for r in rs if r.ok]
+        rows.append(
+            {
+                "kernel": kernel,
+                "cc": cc,
+                "launches": len(rs),
+                "ok": sum(not r.problems() for r in rs),
+                "max_shared": max((r.shared for r in compiled), default=0),
+                "max_registers": max((r.registers for r in compiled), default=0),
+                "max_spill_bytes": max((r.spill_bytes for r in compiled), default=0),
+                "mma": sorted({m for r in compiled for m in r.mma}),
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict], version: str) -> None:
+    print(f"\nTriton {version}: kernel × target")
+    print(f"{'kernel':22} {'cc':>5} {'ok':>7} {'smem max':>9} {'regs':>5} {'spill':>6}  mma")
+    for r in rows:
+        print(
+            f"{r['kernel']:22} sm_{r['cc']:<2} {r['ok']:>3}/{r['launches']:<3} "
+            f"{r['max_shared']:>9} {r['max_registers']:>5} {r['max_spill_bytes']:>6}  "
+            f"{', '.join(r['mma']) or '-'}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cc", type=int, nargs="+", default=[90, 89, 80])
+    parser.add_argument("--only", nargs="*", default=[], help="cases whose name has a word")
+    parser.add_argument("--json", type=Path, help="write every launch's result here")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--collect-only", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="one line per launch")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    launches = [launch for cc in args.cc for launch in collect(cc, set(args.only))]
+    print(f"collected {len(launches)} launches in {time.perf_counter() - start:.1f} s")
+    if args.collect_only:
+        for launch in launches:
+            print(f"sm_{launch.cc} {launch.kernel:22} {launch.case:34} {launch.config()}")
+        return 0
+    with ProcessPoolExecutor(max(args.jobs, 1)) as pool:
+        results = list(pool.map(compile_launch, launches, chunksize=1))
+    failures = [(r, p) for r in results for p in r.problems()]
+    rows = summarize(results)
+    print_table(rows, triton.__version__)
+    for r, problem in failures:
+        print(
+            f"FAIL {r.launch.kernel} sm_{r.launch.cc} [{r.launch.case}] "
+            f"{r.launch.config()}: {problem}"
+        )
+    for r in results if args.verbose else ():
+        print(
+            f"sm_{r.launch.cc} {r.launch.kernel:22} {r.launch.case:30} {r.launch.config():18} "
+            f"smem {r.shared:>6} regs {r.registers:>3} spill {r.spill_bytes:>4} {r.seconds:5.1f} s"
+        )
+    if args.json:
+        report = {
+            "triton": triton.__version__,
+            "torch": torch.__version__,
+            "shape": {"M": M, "K": K, "N": N, "rank": RANK},
+            "shared_limit": SHARED_LIMIT,
+            "summary": rows,
+            "launches": [
+                {**asdict(r), "launch": {**asdict(r.launch), "config": r.launch.config(),
+                                         "constants": str(r.launch.constants),
+                                         "attrs": str(r.launch.attrs)},
+                 "problems": r.problems()}
+                for r in results
+            ],
+        }  # fmt: skip
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    seconds = time.perf_counter() - start
+    print(f"\n{len(results)} compiles, {len(failures)} problems, {seconds:.0f} s "
+          f"(triton {triton.__version__})")  # fmt: skip
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
