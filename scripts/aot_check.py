@@ -359,7 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="one line per launch")
+    parser.add_argument("--triton", help="fail unless this is the Triton imported")
     args = parser.parse_args(argv)
+    if args.triton and triton.__version__ != args.triton:
+        parser.error(f"imported triton {triton.__version__} from {triton.__file__}, "
+                     f"expected {args.triton}")  # fmt: skip
 
     start = time.perf_counter()
     launches = [launch for cc in args.cc for launch in collect(cc, set(args.only))]

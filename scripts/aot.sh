@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The AOT compile gate (scripts/aot_check.py): every Triton kernel qcompile launches,
+# compiled for sm_90, sm_89 and sm_80 on the Triton in .venv and on each Triton in
+# AOT_TRITONS (the GPU machines run 3.6), no GPU needed. Those extra Tritons install
+# beside the venv (.venv/aot/triton-X) and shadow its own through PYTHONPATH.
+# Full results: build/aot/triton-X.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+AOT_TRITONS=${AOT_TRITONS:-3.6.0}
+. .venv/bin/activate
+python scripts/aot_check.py --json "build/aot/triton-$(python -c 'import triton; print(triton.__version__)').json"
+for version in $AOT_TRITONS; do
+    target=.venv/aot/triton-$version
+    if [ ! -f "$target/triton/__init__.py" ]; then
+        python -m pip install --quiet --no-deps --target "$target" "triton==$version"
+    fi
+    PYTHONPATH="$PWD/$target" python scripts/aot_check.py --triton "$version" \
+        --json "build/aot/triton-$version.json"
+done
