@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import zlib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,12 @@ logger = logging.getLogger(__name__)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
 CRC_KEY = "qcompile_crc32"
+README_NAME = "README.md"
+README_HEAD = "# qcompile checkpoint"  # how a README.md qcompile wrote itself begins
 
-_README = """# qcompile checkpoint
+_README = (
+    README_HEAD
+    + """
 
 A diffusers model quantized by qcompile (recipe `{recipe}`). Load it with:
 
@@ -45,6 +51,7 @@ from diffusers import {cls}
 model = {cls}.from_pretrained("<this folder>")
 ```
 """
+)
 
 
 def weights_name(variant: str | None = None) -> str:
@@ -102,7 +109,8 @@ def save(
         return
     tensors = {name: t.detach().contiguous() for name, t in module.state_dict().items()}
     crcs = {name: tensor_crc32(t) for name, t in tensors.items()}
-    with atomic_directory(save_directory) as staging:
+    existing = Path(save_directory) / README_NAME
+    with atomic_directory(save_directory, owns=partial(_owned, variant=variant)) as staging:
         module.save_config(staging)
         save_file(
             tensors,
@@ -111,9 +119,21 @@ def save(
         )
         if state.runtime is not None:
             save_program(state.runtime.program, staging / PROGRAM_NAME)
-        readme = _README.format(recipe=state.recipe.name, cls=type(module).__name__)
-        (staging / "README.md").write_text(readme)
+        if not existing.is_file() or existing.read_text(errors="replace").startswith(README_HEAD):
+            readme = _README.format(recipe=state.recipe.name, cls=type(module).__name__)
+            (staging / README_NAME).write_text(readme)  # a user's own README is kept
     logger.info("saved %s to %s", type(module).__name__, save_directory)
+
+
+def _owned(name: str, variant: str | None) -> bool:
+    """Files a save of `variant` replaces: its config, program and weights, including
+    the shards and index of an earlier sharded save of the same variant (diffusers would
+    load a stale index before the single file). Everything else in the folder is kept.
+    """
+    stem = weights_name(variant).removesuffix(".safetensors")
+    shard = re.fullmatch(re.escape(stem) + r"-\d+-of-\d+\.safetensors", name)
+    index = f"{stem}.safetensors.index.json"
+    return name in (CONFIG_NAME, PROGRAM_NAME, weights_name(variant), index) or bool(shard)
 
 
 def read_config(directory: Path) -> tuple[dict[str, Any], QCompileConfig]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -85,3 +86,54 @@ def test_atomic_directory_refuses_a_file_target(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError), atomic_directory(tmp_path / "file"):
         pass
+
+
+def test_save_into_a_folder_keeps_what_it_does_not_own(tmp_path):
+    # A user's folder: a plain diffusers save of the float model (sharded), notes, a
+    # README of their own, a subfolder, and another variant's weights.
+    folder = tmp_path / "models"
+    float_model = tiny_sd3(seed=0)
+    float_model.save_pretrained(folder, max_shard_size="200KB")
+    shards = sorted(p.name for p in folder.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "diffusion_pytorch_model.safetensors.index.json").exists()
+    (folder / "notes.txt").write_text("mine")
+    (folder / "README.md").write_text("# my model card")
+    (folder / "samples").mkdir()
+    (folder / "samples" / "cat.txt").write_text("a cat")
+    (folder / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"another variant")
+    folder.chmod(0o750)
+
+    model = qcompile.quantize(tiny_sd3(seed=1), "int8-wo")
+    inputs = sd3_eval_inputs(model)
+    model.save_pretrained(folder)
+
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert (folder / "README.md").read_text() == "# my model card"
+    assert (folder / "samples" / "cat.txt").read_text() == "a cat"
+    assert (folder / "diffusion_pytorch_model.fp16.safetensors").read_bytes() == b"another variant"
+    # the earlier save of the same variant is replaced, shards and index included:
+    # diffusers would load a stale index before the single file
+    assert not (folder / "diffusion_pytorch_model.safetensors.index.json").exists()
+    assert not any((folder / name).exists() for name in shards)
+    assert (folder.stat().st_mode & 0o777) == 0o750
+    assert _intact(folder, inputs, _out(model, inputs)) == []
+
+
+def test_a_new_checkpoint_folder_gets_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        qcompile.quantize(tiny_sd3(seed=0), "int8-wo").save_pretrained(tmp_path / "new")
+    finally:
+        os.umask(umask)
+    assert ((tmp_path / "new").stat().st_mode & 0o777) == 0o755  # not mkdtemp's 0700
+    assert (tmp_path / "new" / "README.md").read_text().startswith("# qcompile checkpoint")
+
+
+def test_failed_save_leaves_a_users_files_alone(first, monkeypatch):
+    folder, inputs, expected = first
+    (folder / "notes.txt").write_text("mine")
+    monkeypatch.setattr("qcompile.checkpoint.save_program", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        qcompile.quantize(tiny_sd3(seed=1), "int4-wo").save_pretrained(folder)
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert _intact(folder, inputs, expected) == []
