@@ -30,6 +30,14 @@ from qcompile.capture import RETURN_DICT, Capture, finite_int
 logger = logging.getLogger(__name__)
 
 GRAPH, EAGER = "graph", "eager"
+WARN_LIMIT = 16  # distinct fallback reasons warned about per model; later ones at debug
+
+
+def _argument_name(path: tuple) -> str:
+    """A flat input's key path in (args, kwargs) as `name['key']...`, e.g. 'timestep'."""
+    if len(path) >= 2 and isinstance(path[1], pytree.MappingKey):
+        return f"{path[1].key}{pytree.keystr(path[2:])}"
+    return f"input {pytree.keystr(path)}"
 
 
 class _Tensor:
@@ -67,6 +75,10 @@ class CallMatcher:
             for sym, vr in program.range_constraints.items()
         }
         self._guards = getattr(program.module(), "_guards_fn", None) if guards else None
+        # Each flat input's argument, for reasons a user can act on ("timestep", ...).
+        indexed = pytree.tree_unflatten(list(range(len(self._leaves))), program.call_spec.in_spec)
+        paths = [path for path, _ in pytree.tree_flatten_with_path(indexed)[0]]
+        self._names = [_argument_name(path) for path in paths]
 
     def match(self, args: tuple, kwargs: dict) -> str | tuple[list, torch.device, bool]:
         """(flat inputs, device, return_dict) when the call fits; else the reason."""
@@ -107,34 +119,34 @@ class CallMatcher:
     def _match_leaves(self, flat: list) -> str:
         bindings: dict[sympy.Symbol, int] = {}
         derived = []
-        for index, (leaf, want) in enumerate(zip(flat, self._leaves, strict=True)):
+        for name, leaf, want in zip(self._names, flat, self._leaves, strict=True):
             if isinstance(want, _Const):
                 if isinstance(leaf, torch.Tensor) or not _same_constant(leaf, want.value):
-                    return f"input {index} is {leaf!r}, captured as constant {want.value!r}"
+                    return f"{name} is {leaf!r}, captured as constant {want.value!r}"
                 continue
             if not isinstance(leaf, torch.Tensor):
-                return f"input {index} is {type(leaf).__name__}, captured as a tensor"
+                return f"{name} is {type(leaf).__name__}, captured as a tensor"
             if leaf.dtype != want.dtype or leaf.dim() != len(want.dims):
                 return (
-                    f"input {index} is {leaf.dtype} rank {leaf.dim()}, captured as "
+                    f"{name} is {leaf.dtype} rank {leaf.dim()}, captured as "
                     f"{want.dtype} rank {len(want.dims)}"
                 )
             for size, dim in zip(leaf.shape, want.dims, strict=True):
                 if isinstance(dim, int):
                     if size != dim:
-                        return f"input {index} has shape {tuple(leaf.shape)}; a dim is static"
+                        return f"{name} has shape {tuple(leaf.shape)}; a dim is static"
                 elif dim.is_Symbol:
                     if bindings.setdefault(dim, size) != size:
-                        return f"input {index}: dim {dim} is {size} and {bindings[dim]}"
+                        return f"{name}: dim {dim} is {size} and {bindings[dim]}"
                 else:
-                    derived.append((index, dim, size))
+                    derived.append((name, dim, size))
         for sym, size in bindings.items():
             low, high = self._ranges.get(sym, (0, None))
             if size < low or (high is not None and size > high):
                 return f"dim {sym}={size} is outside its captured range [{low}, {high}]"
-        for index, expr, size in derived:
+        for name, expr, size in derived:
             if expr.free_symbols - bindings.keys() or int(expr.xreplace(bindings)) != size:
-                return f"input {index}: dim {expr} does not hold for size {size}"
+                return f"{name}: dim {expr} does not hold for size {size}"
         return ""
 
 
@@ -154,6 +166,7 @@ class GraphRuntime:
         self.calls: Counter[str] = Counter()
         self.last_path: str | None = None
         self.last_reason = ""
+        self._warned: set[str] = set()
         sig = program.graph_signature
         bad = [s.kind for s in sig.output_specs if s.kind is not OutputKind.USER_OUTPUT]
         if bad:
@@ -189,11 +202,23 @@ class GraphRuntime:
     def _record(self, path: str, reason: str) -> None:
         self.calls[path] += 1
         self.last_path, self.last_reason = path, reason
-        if reason:
-            # The first fallback is worth seeing (a dtype or argument the capture did not
-            # cover makes every call eager); later ones only at debug level.
-            level = logging.INFO if self.calls[EAGER] == 1 else logging.DEBUG
-            logger.log(level, "%s: eager fallback (%s)", type(self.module).__name__, reason)
+        if not reason:
+            return
+        # A call that leaves the graph is worth a warning the first time for each reason
+        # (a dtype or argument the capture did not cover makes every such call eager and
+        # slow); repeats, and a graph the user disabled, only at debug level.
+        name = type(self.module).__name__
+        if reason in self._warned or not self.graph_enabled or len(self._warned) >= WARN_LIMIT:
+            logger.debug("%s: eager fallback (%s)", name, reason)
+            return
+        self._warned.add(reason)
+        logger.warning(
+            "%s: this call runs the eager fallback, not the compiled graph, because %s. "
+            "Calls like it stay eager (slower); to keep them on the graph, quantize with "
+            "example_inputs taken from such a call.",
+            name,
+            reason,
+        )
 
     # ----------------------------------------------------------------- state
     def _resolver(self, spec):

@@ -166,3 +166,18 @@ def test_flux_pipeline_calls_take_the_graph(dtype):
     assert runtime.calls == {"graph": 2}, runtime.last_reason
     assert pipe.transformer.dtype == dtype
     assert qcompile.sqnr(reference.float(), images.float()) > PIPELINE_IMAGE_SQNR_DB[dtype]
+
+
+def test_a_call_leaving_the_graph_is_warned_once_naming_the_argument(caplog):
+    # DDIM, DPM++, UniPC, LCM and TCD hand the UNet int64 timesteps; the capture saw a
+    # float one. The user must learn which argument, once, at warning level.
+    unet = qcompile.quantize(tiny_unet(), "int8-wo")
+    inputs = unet_eval_inputs(unet)
+    inputs["timestep"] = inputs["timestep"].long()
+    with caplog.at_level("WARNING", logger="qcompile.runtime"):
+        _call(unet, **inputs)
+        _call(unet, **inputs)
+    _assert_path(unet, "eager")
+    assert runtime_of(unet).last_reason.startswith("timestep is torch.int64")
+    warnings = [r for r in caplog.records if "eager fallback" in r.getMessage()]
+    assert len(warnings) == 1 and "timestep is torch.int64" in warnings[0].getMessage()
