@@ -27,7 +27,13 @@ from torch import nn
 
 from qcompile.checkpoint import aligned, read_checksums, verify_tensor
 from qcompile.errors import CheckpointError, RecipeError, WeightError
-from qcompile.integrations.diffusers_config import PROGRAM_NAME, QCompileConfig, QCompileMethod
+from qcompile.integrations.diffusers_config import (
+    PROGRAM_NAME,
+    QCompileConfig,
+    QCompileMethod,
+    keep_in_fp32_globs,
+    not_convert_globs,
+)
 from qcompile.memory import release_freed_memory
 from qcompile.modules import QuantizedLinear
 from qcompile.recipes import LayerScheme
@@ -100,6 +106,11 @@ class QCompileQuantizer(DiffusersQuantizer):
             return
         from qcompile.api import select_linears
 
+        keep_fp32 = kwargs.get("keep_in_fp32_modules") or []
+        skips = not_convert_globs(config.modules_to_not_convert) + keep_in_fp32_globs(keep_fp32)
+        if skips:  # recorded in the recipe, so the checkpoint says what stayed 16-bit
+            excludes = tuple(dict.fromkeys((*config.recipe.exclude, *skips)))  # no repeats
+            config.recipe = config.recipe.replace(exclude=excludes)
         self.selected = select_linears(model, config.recipe)
 
     def check_if_quantized_param(

@@ -48,6 +48,7 @@ class QCompileConfig(QuantizationConfigMixin):
         output: dict[str, Any] | None = None,
         schemes: dict[str, dict] | None = None,
         layers: dict[str, str] | dict[str, LayerScheme] | None = None,
+        modules_to_not_convert: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QCompileMethod.QCOMPILE
@@ -68,6 +69,17 @@ class QCompileConfig(QuantizationConfigMixin):
         self.program = program
         self.output = output
         self.layers = _layers(layers, schemes)
+        if modules_to_not_convert is not None and (
+            isinstance(modules_to_not_convert, str)
+            or not all(isinstance(m, str) for m in modules_to_not_convert)
+        ):
+            raise QCompileError(
+                f"modules_to_not_convert must be a list of module names, got "
+                f"{modules_to_not_convert!r}"
+            )
+        # diffusers' standard kwarg: modules (by name) whose linears stay 16-bit; applied
+        # as recipe excludes when the model is quantized on load (see not_convert_globs).
+        self.modules_to_not_convert = list(modules_to_not_convert or [])
 
     @property
     def pre_quantized(self) -> bool:
@@ -89,6 +101,8 @@ class QCompileConfig(QuantizationConfigMixin):
         for key in ("family", "dtype", "program", "output"):
             if getattr(self, key) is not None:
                 out[key] = copy.deepcopy(getattr(self, key))
+        if self.modules_to_not_convert:
+            out["modules_to_not_convert"] = list(self.modules_to_not_convert)
         if self.layers:
             ids: dict[LayerScheme, str] = {}
             for scheme in self.layers.values():
@@ -105,6 +119,19 @@ class QCompileConfig(QuantizationConfigMixin):
             f"QCompileConfig(recipe={self.recipe.name!r}, layers={len(self.layers)}, "
             f"family={self.family!r}, format_version={self.format_version})"
         )
+
+
+def not_convert_globs(names: list[str]) -> tuple[str, ...]:
+    """Excludes for diffusers' `modules_to_not_convert`: a linear is skipped when its
+    name is one of `names` or lies inside a module whose name ends with one of them
+    (the `key + "." in name or key == name` rule diffusers' quantizers apply)."""
+    return tuple(glob for name in names for glob in (name, f"*{name}.*"))
+
+
+def keep_in_fp32_globs(names: list[str]) -> tuple[str, ...]:
+    """Excludes for a model's `_keep_in_fp32_modules`: a linear is skipped when one of
+    its name's dotted components is one of `names` (diffusers keeps those in float32)."""
+    return tuple(g for n in names for g in (n, f"{n}.*", f"*.{n}", f"*.{n}.*"))
 
 
 def _recipe(value: Any) -> Recipe:

@@ -95,3 +95,54 @@ def test_quantize_on_load_streams_weights():
     # and allocator slack. A load that materialized the float weights would exceed 137.
     assert streaming < quantized + 2 * info["largest_tensor_bytes"] + 16 * MIB
     assert streaming < 0.5 * info["float_bytes"]
+
+
+def _linear_kinds(model):
+    return {
+        name: type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, QuantizedLinear))
+    }
+
+
+def test_modules_to_not_convert_keeps_those_linears_16_bit(tmp_path):
+    # diffusers' standard kwarg (bitsandbytes, torchao, quanto take it): a name, or a
+    # module whose linears all stay 16-bit. Upstream: QuantizationTesterMixin
+    # test_modules_to_not_convert.
+    build, held_out = HELD_OUT["flux"]
+    build().save_pretrained(tmp_path / "float")
+    config = QCompileConfig("int8-wo", modules_to_not_convert=["transformer_blocks.0.attn"])
+    model = type(build()).from_pretrained(tmp_path / "float", quantization_config=config)
+    kinds = _linear_kinds(model)
+    kept = {n for n in kinds if n.startswith("transformer_blocks.0.attn.")}
+    assert kept and all(kinds[n] == "Linear" for n in kept)
+    assert kinds["transformer_blocks.0.ff.net.0.proj"] == "QuantizedLinear"
+    out = _call(model, held_out(model))
+    assert runtime_of(model).last_path == "graph", runtime_of(model).last_reason
+    # the checkpoint records it: the reload quantizes the same layers, same output
+    model.save_pretrained(tmp_path / "quantized")
+    again = type(model).from_pretrained(tmp_path / "quantized")
+    assert _linear_kinds(again) == kinds
+    assert torch.equal(_call(again, held_out(again)), out)
+    assert again.hf_quantizer.quantization_config.modules_to_not_convert == [
+        "transformer_blocks.0.attn"
+    ]
+
+
+def test_keep_in_fp32_modules_are_not_quantized(tmp_path, monkeypatch):
+    build, held_out = HELD_OUT["flux"]
+    cls = type(build())
+    build().save_pretrained(tmp_path / "float")
+    monkeypatch.setattr(cls, "_keep_in_fp32_modules", ["ff_context"])
+    model = cls.from_pretrained(tmp_path / "float", quantization_config=QCompileConfig("int8-wo"))
+    kinds = _linear_kinds(model)
+    kept = [n for n in kinds if ".ff_context." in n]
+    assert kept and all(kinds[n] == "Linear" for n in kept)
+    assert kinds["transformer_blocks.0.ff.net.0.proj"] == "QuantizedLinear"
+    _call(model, held_out(model))
+    assert runtime_of(model).last_path == "graph", runtime_of(model).last_reason
+
+
+def test_modules_to_not_convert_must_be_a_list_of_names():
+    with pytest.raises(qcompile.QCompileError, match="list of module names"):
+        QCompileConfig("int8-wo", modules_to_not_convert="proj_out")
