@@ -132,7 +132,8 @@ def _owned(name: str, variant: str | None) -> bool:
     """
     stem = weights_name(variant).removesuffix(".safetensors")
     shard = re.fullmatch(re.escape(stem) + r"-\d+-of-\d+\.safetensors", name)
-    index = f"{stem}.safetensors.index.json"
+    index = "diffusion_pytorch_model.safetensors.index.json"  # diffusers: variant before .json
+    index = index.replace(".json", f".{variant}.json") if variant else index
     return name in (CONFIG_NAME, PROGRAM_NAME, weights_name(variant), index) or bool(shard)
 
 
