@@ -3,6 +3,8 @@
     config.json                          model config + quantization_config (QCompileConfig)
     diffusion_pytorch_model.safetensors  tensors by FQN (packed weights, scales, the rest);
                                          header metadata carries a CRC32 per tensor
+                                         (or diffusers' shards + index json when the
+                                         save had a max_shard_size below its size)
     qcompile_program.pt2                 the lowered program, weightless
     README.md                            how to load it
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -38,6 +41,8 @@ CONFIG_NAME = "config.json"
 CRC_KEY = "qcompile_crc32"
 README_NAME = "README.md"
 README_HEAD = "# qcompile checkpoint"  # how a README.md qcompile wrote itself begins
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+DEFAULT_SHARD_SIZE = "10GB"  # diffusers' save_pretrained default
 
 _README = (
     README_HEAD
@@ -58,6 +63,11 @@ def weights_name(variant: str | None = None) -> str:
     if not variant:
         return WEIGHTS_NAME
     return WEIGHTS_NAME.replace(".safetensors", f".{variant}.safetensors")
+
+
+def index_name(variant: str | None = None) -> str:
+    """diffusers' shard index name; the variant goes before `.json`."""
+    return INDEX_NAME.replace(".json", f".{variant}.json") if variant else INDEX_NAME
 
 
 # torch's CPU allocator aligns to 64 bytes; tensors read from safetensors are mmap'd at
@@ -84,7 +94,7 @@ def save(
     is_main_process: bool = True,
     safe_serialization: bool = True,
     variant: str | None = None,
-    max_shard_size: Any = None,
+    max_shard_size: int | str | None = DEFAULT_SHARD_SIZE,
     push_to_hub: bool = False,
     **kwargs: Any,
 ) -> None:
@@ -92,6 +102,8 @@ def save(
 
     Also installed as the quantized model's `save_pretrained`, so pipelines save it too.
     A failure or crash mid-save leaves an earlier checkpoint at `save_directory` intact.
+    Past `max_shard_size` (bytes or "10GB"-style, diffusers' default) the weights are
+    split into diffusers' shards plus index json, which diffusers and `load` both read.
     """
     state = getattr(module, "qcompile_state", None)
     if state is None or not hasattr(module, "save_config"):
@@ -112,17 +124,56 @@ def save(
     existing = Path(save_directory) / README_NAME
     with atomic_directory(save_directory, owns=partial(_owned, variant=variant)) as staging:
         module.save_config(staging)
-        save_file(
-            tensors,
-            staging / weights_name(variant),
-            metadata={"format": "pt", CRC_KEY: json.dumps(crcs, separators=(",", ":"))},
-        )
+        _save_weights(tensors, crcs, staging, variant, max_shard_size or DEFAULT_SHARD_SIZE)
         if state.runtime is not None:
             save_program(state.runtime.program, staging / PROGRAM_NAME)
         if not existing.is_file() or existing.read_text(errors="replace").startswith(README_HEAD):
             readme = _README.format(recipe=state.recipe.name, cls=type(module).__name__)
             (staging / README_NAME).write_text(readme)  # a user's own README is kept
     logger.info("saved %s to %s", type(module).__name__, save_directory)
+
+
+def _save_weights(
+    tensors: dict[str, torch.Tensor],
+    crcs: dict[str, int],
+    directory: Path,
+    variant: str | None,
+    max_shard_size: int | str,
+) -> None:
+    """One safetensors file, or diffusers' shards and index when it would exceed
+    `max_shard_size`; each file's header carries the CRC32s of its own tensors."""
+    pattern = weights_name(variant).replace(".safetensors", "{suffix}.safetensors")
+    try:
+        split = split_torch_state_dict_into_shards(
+            tensors, filename_pattern=pattern, max_shard_size=max_shard_size
+        )
+    except ValueError as exc:
+        raise CheckpointError(f"max_shard_size={max_shard_size!r} is invalid ({exc})") from exc
+    for filename, names in split.filename_to_tensors.items():
+        shard = {name: tensors[name] for name in names}
+        shard_crcs = json.dumps({name: crcs[name] for name in names}, separators=(",", ":"))
+        save_file(shard, directory / filename, metadata={"format": "pt", CRC_KEY: shard_crcs})
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
+        (directory / index_name(variant)).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def weight_files(directory: Path, variant: str | None = None) -> dict[str, Path]:
+    """Tensor name → the file holding it: the single weights file, or the shards its
+    index json names (checked to lie inside `directory`)."""
+    index_path = directory / index_name(variant)
+    single = directory / weights_name(variant)
+    if single.is_file() or not index_path.is_file():
+        return {}  # the caller reads the single file (or reports it missing)
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        files = {name: directory / str(file) for name, file in weight_map.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index_path} is not a valid shard index ({exc!r})") from exc
+    for path in set(files.values()):
+        if path.parent != directory or not path.is_file():
+            raise CheckpointError(f"{index_path} names shard {path.name!r}, which is missing")
+    return files
 
 
 def _owned(name: str, variant: str | None) -> bool:
@@ -132,9 +183,8 @@ def _owned(name: str, variant: str | None) -> bool:
     """
     stem = weights_name(variant).removesuffix(".safetensors")
     shard = re.fullmatch(re.escape(stem) + r"-\d+-of-\d+\.safetensors", name)
-    index = "diffusion_pytorch_model.safetensors.index.json"  # diffusers: variant before .json
-    index = index.replace(".json", f".{variant}.json") if variant else index
-    return name in (CONFIG_NAME, PROGRAM_NAME, weights_name(variant), index) or bool(shard)
+    owned = (CONFIG_NAME, PROGRAM_NAME, weights_name(variant), index_name(variant))
+    return name in owned or bool(shard)
 
 
 def read_config(directory: Path) -> tuple[dict[str, Any], QCompileConfig]:
@@ -185,11 +235,27 @@ def load(directory: str | os.PathLike, variant: str | None = None) -> ExportedPr
     directory = Path(directory)
     _, config = read_config(directory)
     program = load_program(directory / (config.program or PROGRAM_NAME))
-    path = directory / weights_name(variant)
+    single = directory / weights_name(variant)
+    files = weight_files(directory, variant)
+    missing = [name for name in program.state_dict if files and name not in files]
+    if missing:
+        raise CheckpointError(
+            f"{directory / index_name(variant)}: tensors the program needs are missing "
+            f"from the index: {missing[:8]}"
+        )
+    for path in sorted(set(files.values())) or [single]:
+        names = [n for n in program.state_dict if files.get(n, single) == path]
+        _load_tensors(program, path, names)
+    return program
+
+
+def _load_tensors(program: ExportedProgram, path: Path, names: list[str]) -> None:
+    """Read `names` from one safetensors file into the program, checked."""
     crcs = read_checksums(path)
     with safe_open(str(path), framework="pt") as f:
         available = set(f.keys())
-        for name, meta in list(program.state_dict.items()):
+        for name in names:
+            meta = program.state_dict[name]
             if name not in available:
                 raise CheckpointError(f"{path}: tensor {name!r} the program needs is missing")
             tensor = aligned(f.get_tensor(name))
@@ -202,4 +268,3 @@ def load(directory: str | os.PathLike, variant: str | None = None) -> ExportedPr
             if isinstance(meta, nn.Parameter):
                 tensor = nn.Parameter(tensor, requires_grad=False)
             program.state_dict[name] = tensor
-    return program

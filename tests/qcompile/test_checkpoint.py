@@ -136,3 +136,47 @@ def test_dequantize_returns_plain_linears():
     assert runtime_of(model) is None and not qcompile.is_quantized(model)
     # The float weights are the dequantized ones: same math, now through aten.linear.
     assert qcompile.sqnr(quantized, _call(model, inputs)) > 100
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_max_shard_size_writes_diffusers_shards_that_reload(variant, tmp_path):
+    """Upstream: ModelTesterMixin.test_sharded_checkpoints (max_shard_size + index json)."""
+    from qcompile.checkpoint import index_name, weights_name
+
+    build, held_out = FAMILIES["flux"]
+    model = qcompile.quantize(build(), "int4-wo")
+    inputs = held_out(model)
+    expected = _call(model, inputs)
+    model.save_pretrained(tmp_path, max_shard_size="40KB", variant=variant)
+    index = json.loads((tmp_path / index_name(variant)).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (tmp_path / weights_name(variant)).exists()
+    assert set(index["weight_map"]) == set(model.state_dict())
+    stem = weights_name(variant).removesuffix(".safetensors")
+    assert all(s.startswith(stem + "-") for s in shards), shards
+    for shard in shards:  # each shard carries the CRC32s of exactly its own tensors
+        with safe_open(str(tmp_path / shard), framework="pt") as f:
+            crcs = json.loads(f.metadata()["qcompile_crc32"])
+            assert set(crcs) == set(f.keys())
+    reloaded = type(model).from_pretrained(tmp_path, variant=variant)
+    assert torch.equal(_call(reloaded, inputs), expected)
+    assert torch.equal(_call(qcompile.load(tmp_path, variant).module(), inputs), expected)
+    # a smaller save into the same folder replaces the shards and the index
+    model.save_pretrained(tmp_path, variant=variant)
+    assert not (tmp_path / index_name(variant)).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(stem + "-")]
+    assert torch.equal(
+        _call(type(model).from_pretrained(tmp_path, variant=variant), inputs), expected
+    )
+
+
+def test_shard_index_naming_a_missing_shard_is_a_clear_error(tmp_path):
+    from qcompile.checkpoint import INDEX_NAME
+
+    build, _ = FAMILIES["flux"]
+    model = qcompile.quantize(build(), "int8-wo")
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    (tmp_path / sorted(set(index["weight_map"].values()))[-1]).unlink()
+    with pytest.raises(qcompile.CheckpointError, match="missing"):
+        qcompile.load(tmp_path)
