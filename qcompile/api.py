@@ -223,6 +223,8 @@ def _mark_diffusers(module: nn.Module, captured: Capture | None, state, hf_quant
     if hf_quantizer is None:
         hf_quantizer = QCompileQuantizer(config, pre_quantized=True)
     module.register_to_config(quantization_config=config)
+    if module.config.get("_pre_quantization_dtype") is None:  # as from_pretrained records it
+        module.register_to_config(_pre_quantization_dtype=module.dtype)
     module.hf_quantizer = hf_quantizer
     module.is_quantized = True
     module.quantization_method = config.quant_method

@@ -17,6 +17,8 @@ the `qcompile::` ops, so the program equals what lowering produces.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -66,11 +68,14 @@ class QCompileQuantizer(DiffusersQuantizer):
                 "qcompile.quantize(model, recipe, calibration=...) and save the result"
             )
 
-    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype:
+        """The dtype the model loads in, which diffusers also records as the config's
+        `_pre_quantization_dtype`: the one asked for, else the one the checkpoint was
+        saved in, else float32 (what diffusers builds a model in without torch_dtype)."""
+        if torch_dtype is not None:
+            return torch_dtype
         recorded = self.quantization_config.dtype
-        if torch_dtype is None and recorded:
-            return getattr(torch, recorded)
-        return torch_dtype
+        return getattr(torch, recorded) if recorded else torch.float32
 
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list) -> list:
         self.checkpoint_files = [Path(f) for f in checkpoint_files if isinstance(f, (str, Path))]
@@ -260,9 +265,30 @@ def _replace(model: nn.Module, fqn: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
+class TransformersSideConfig:
+    """What `PipelineQuantizationConfig(quant_backend="qcompile")` finds on the
+    transformers side. diffusers checks that a backend exists in both libraries with
+    one `__init__` signature; qcompile quantizes diffusers models only, so building it
+    (for a text encoder) is a clear error naming the fix."""
+
+    @functools.wraps(QCompileConfig.__init__)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "qcompile quantizes diffusers models (transformer, unet), not transformers "
+            "models such as text encoders: pass PipelineQuantizationConfig(quant_backend="
+            '"qcompile", quant_kwargs={...}, components_to_quantize=["transformer"])'
+        )
+
+
 def register() -> None:
-    """Make diffusers dispatch quant_method "qcompile" to this quantizer."""
+    """Make diffusers dispatch quant_method "qcompile" to this quantizer, and let
+    `PipelineQuantizationConfig(quant_backend="qcompile")` find it."""
     from diffusers.quantizers import auto
 
     auto.AUTO_QUANTIZER_MAPPING[QCompileMethod.QCOMPILE.value] = QCompileQuantizer
     auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QCompileMethod.QCOMPILE.value] = QCompileConfig
+    if importlib.util.find_spec("transformers") is not None:
+        from transformers.quantizers import auto as transformers_auto
+
+        mapping = transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING
+        mapping.setdefault(QCompileMethod.QCOMPILE.value, TransformersSideConfig)

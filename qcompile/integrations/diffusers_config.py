@@ -111,14 +111,18 @@ class QCompileConfig(QuantizationConfigMixin):
             out["layers"] = {fqn: ids[scheme] for fqn, scheme in self.layers.items()}
         return out
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """`to_dict` without the fields a default `QCompileConfig()` has alike (the
+        method is always kept), as diffusers' configs do."""
+        default = QCompileConfig().to_dict()
+        out = self.to_dict()
+        return {k: v for k, v in out.items() if k == "quant_method" or default.get(k) != v}
+
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def __repr__(self) -> str:
-        return (
-            f"QCompileConfig(recipe={self.recipe.name!r}, layers={len(self.layers)}, "
-            f"family={self.family!r}, format_version={self.format_version})"
-        )
+    def __repr__(self) -> str:  # diffusers' form: the class name, then the JSON
+        return f"{type(self).__name__} {self.to_json_string()}"
 
 
 def not_convert_globs(names: list[str]) -> tuple[str, ...]:

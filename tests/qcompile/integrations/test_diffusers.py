@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -146,3 +147,35 @@ def test_keep_in_fp32_modules_are_not_quantized(tmp_path, monkeypatch):
 def test_modules_to_not_convert_must_be_a_list_of_names():
     with pytest.raises(qcompile.QCompileError, match="list of module names"):
         QCompileConfig("int8-wo", modules_to_not_convert="proj_out")
+
+
+def test_pipeline_quantization_config_quant_backend(tmp_path):
+    """diffusers' global form: quant_backend + quant_kwargs (+ components_to_quantize)."""
+    folder = _tiny_pipeline_folder(tmp_path)
+    config = PipelineQuantizationConfig(
+        quant_backend="qcompile",
+        quant_kwargs={"recipe": "int8-wo"},
+        components_to_quantize=["transformer"],
+    )
+    pipe = FluxPipeline.from_pretrained(folder, quantization_config=config)
+    assert pipe.transformer.qcompile_state.recipe.name == "int8-wo"
+    assert pipe.transformer.config["_pre_quantization_dtype"] == torch.float32
+    assert "qcompile" in repr(config) and "int8-wo" in repr(config)
+    _images(pipe)
+    assert runtime_of(pipe.transformer).calls == {"graph": 2}
+    # without components_to_quantize diffusers would hand it to the text encoders too
+    everything = PipelineQuantizationConfig(
+        quant_backend="qcompile", quant_kwargs={"recipe": "int8-wo"}
+    )
+    with pytest.raises(ValueError, match="components_to_quantize"):
+        FluxPipeline.from_pretrained(folder, quantization_config=everything)
+
+
+def test_config_repr_is_diffusers_json_form():
+    config = QCompileConfig("int4-wo", modules_to_not_convert=["proj_out"])
+    text = repr(config)
+    assert text.startswith("QCompileConfig {") and text.endswith("}\n")
+    assert json.loads(text.removeprefix("QCompileConfig ")) == config.to_dict()
+    diff = config.to_diff_dict()
+    assert diff["quant_method"] == "qcompile" and "format_version" not in diff
+    assert diff["modules_to_not_convert"] == ["proj_out"]
