@@ -22,7 +22,7 @@ from qcompile.calibration import as_calibration_set
 from qcompile.capture import Capture, capture
 from qcompile.errors import CaptureError, NoLinearSelectedError, QCompileError, RecipeError
 from qcompile.families import ModelFamily, detect_family
-from qcompile.modules import QuantizedLinear
+from qcompile.modules import QuantizedLinear, is_float_linear
 from qcompile.passes import (
     annotate_linears,
     fold_lowrank,
@@ -80,6 +80,7 @@ def quantize(
             f"{type(module).__name__} is already quantized with "
             f"{module.qcompile_state.recipe.name!r}; quantize the float model instead"
         )
+    _refuse_adapters(module)
     family = detect_family(module)
     samples = None
     if calibration is not None:
@@ -127,6 +128,22 @@ def quantize(
     return module
 
 
+def _refuse_adapters(module: nn.Module) -> None:
+    """LoRA adapters already in the model would be baked into the quantized graph as it
+    is at capture time; load them after quantizing instead (they then stay live)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return
+    layers = [n for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)]
+    if layers:
+        raise QCompileError(
+            f"{type(module).__name__} has LoRA adapters ({layers[0]}, ...): quantize the "
+            "base model and load the adapters after, or fuse them first "
+            "(pipe.fuse_lora(); pipe.unload_lora_weights()) to quantize them in"
+        )
+
+
 def _capture(
     module: nn.Module, family: ModelFamily | None, example_inputs: dict[str, Any] | None
 ) -> Capture | None:
@@ -157,11 +174,11 @@ def select_linears(module: nn.Module, recipe: Recipe) -> dict[str, LayerScheme]:
     """The nn.Linear modules `recipe` selects (family excludes applied), by FQN."""
     family = detect_family(module)
     excludes = family.default_excludes if family is not None and recipe.family_excludes else ()
-    linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    linears = [n for n, m in module.named_modules() if is_float_linear(m)]
     selected = {
         n: recipe.scheme_for(m.out_features, m.in_features)
         for n, m in module.named_modules()
-        if isinstance(m, nn.Linear) and recipe.selects(n, excludes)
+        if is_float_linear(m) and recipe.selects(n, excludes)
     }
     if not selected:
         raise NoLinearSelectedError(
@@ -172,7 +189,7 @@ def select_linears(module: nn.Module, recipe: Recipe) -> dict[str, LayerScheme]:
 
 
 def _count_linears(module: nn.Module) -> int:
-    return sum(isinstance(m, (nn.Linear, QuantizedLinear)) for m in module.modules())
+    return sum(isinstance(m, nn.Linear) for m in module.modules())  # quantized or not
 
 
 def attach(
@@ -229,6 +246,20 @@ def _mark_diffusers(module: nn.Module, captured: Capture | None, state, hf_quant
     module.is_quantized = True
     module.quantization_method = config.quant_method
     module.save_pretrained = functools.partial(save, module)
+    module.num_parameters = functools.partial(num_parameters, module)
+
+
+def num_parameters(
+    module: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False
+) -> int:
+    """diffusers' `num_parameters`, counting each quantized weight as the N×K float
+    weight it stands for (it is a packed buffer, frozen): the float model's count."""
+    count = type(module).num_parameters(module, only_trainable, exclude_embeddings)
+    if only_trainable:
+        return count
+    return count + sum(
+        m.in_features * m.out_features for m in module.modules() if isinstance(m, QuantizedLinear)
+    )
 
 
 def attach_loaded(model: nn.Module, config, hf_quantizer, program_path: Path | None) -> None:
@@ -302,7 +333,7 @@ def dequantize(module: nn.Module) -> nn.Module:
         linear.requires_grad_(False)
         parent, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent), attr, linear)
-    for attr in ("forward", "save_pretrained", STATE_ATTR):
+    for attr in ("forward", "save_pretrained", "num_parameters", STATE_ATTR):
         module.__dict__.pop(attr, None)
     if hasattr(module, "register_to_config"):
         config = dict(module.config)

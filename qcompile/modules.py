@@ -2,6 +2,11 @@
 
 The same tensor objects are read by the lowered program (by FQN) and by this module's
 forward (the eager fallback), so a quantized model holds each packed weight once.
+
+It is an `nn.Linear` (without a float weight), as bitsandbytes', quanto's and torchao's
+quantized linears are: diffusers' and peft's code that looks for linears (LoRA
+adapters, layer counts) finds it. qcompile's own passes tell the two apart with
+`is_float_linear`.
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ from qcompile.schemes import (
 )
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Linear):
     """A linear whose weight is packed; forward calls the scheme's ``qcompile::`` op.
 
     Packed weights, scales and smoothing factors are buffers that keep their dtype under
     ``module.to(dtype)`` (only their device follows); the bias (a parameter) and the
     16-bit low-rank branch (`lora_down`, `lora_up`) follow the model's dtype.
+
+    The packed weight is frozen. With autograd on (training adapters beside it), the
+    gradient flows to the input through the dequantized weight; activation
+    quantization, where the scheme has it, passes gradients straight through.
     """
 
     def __init__(
@@ -39,7 +48,7 @@ class QuantizedLinear(nn.Module):
         tensors: QuantizedWeight,
         bias: torch.Tensor | None,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: there is no float weight to make
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = scheme
@@ -57,6 +66,8 @@ class QuantizedLinear(nn.Module):
         return {name: getattr(self, name) for name in self.quantized_names}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenQuantizedLinear.apply(x, self)
         return linear(x, self.quantized_tensors, self.bias, self.scheme)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -70,6 +81,9 @@ class QuantizedLinear(nn.Module):
         if self.scheme.smooth:
             weight = weight / getattr(self, SMOOTH)
         return weight
+
+    def reset_parameters(self) -> None:  # nn.Linear's would initialise a float weight
+        return None
 
     def _apply(self, fn, recurse=True):
         packed = {n: self._buffers[n] for n in self.quantized_names if n not in FLOAT_TENSORS}
@@ -99,3 +113,70 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"weight={w.format.value}{group}{act}{svd}, bias={self.bias is not None}"
         )
+
+
+class _FrozenQuantizedLinear(torch.autograd.Function):
+    """y = quantized linear(x); dy/dx through the dequantized weight (frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantizedLinear) -> torch.Tensor:
+        ctx.module = module
+        return linear(x, module.quantized_tensors, module.bias, module.scheme)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.module.dequantized_weight().to(grad.dtype)
+        return grad @ weight, None
+
+
+def adopt_lora_layer(layer: nn.Module) -> None:
+    """Make a peft LoRA layer around a QuantizedLinear correct: its adapters stay a
+    16-bit branch beside the quantized GEMM (peft casts them to the base weight's dtype,
+    which for fp8 weights is float8), and merging into the packed weight is refused
+    with a clear error (peft would add a float delta into the integer codes)."""
+    dtype = layer.base_layer.bias.dtype if layer.base_layer.bias is not None else torch.float32
+    for name in getattr(layer, "adapter_layer_names", ()):
+        for param in getattr(layer, name).parameters():
+            if param.dtype.itemsize == 1 and param.dtype.is_floating_point:
+                param.data = param.data.to(dtype)
+    layer.merge = _refuse_merge
+
+
+def _refuse_merge(*args, **kwargs) -> None:
+    from qcompile.errors import QCompileError
+
+    raise QCompileError(
+        "fusing a LoRA into a qcompile-quantized weight is not supported: keep the "
+        "adapter unfused (set_adapters / disable_lora / unload_lora_weights all work), "
+        "or fuse it into the float model and quantize after"
+    )
+
+
+def _is_lora_on_quantized(module: nn.Module | None) -> bool:
+    return type(module).__module__.startswith("peft.") and isinstance(
+        getattr(module, "base_layer", None), QuantizedLinear
+    )
+
+
+def adopt_lora_layers(model: nn.Module) -> None:
+    """`adopt_lora_layer` on every peft LoRA layer of `model` around a QuantizedLinear
+    (peft casts adapters again after loading their weights: the runtime calls this on
+    the first forward after any module change)."""
+    for module in model.modules():
+        if _is_lora_on_quantized(module):
+            adopt_lora_layer(module)
+
+
+def _lora_registered(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    """Global module-registration hook: adopt peft LoRA layers as peft swaps them in, so
+    a fuse before the first forward is refused too."""
+    if _is_lora_on_quantized(submodule):
+        adopt_lora_layer(submodule)
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_lora_registered)
+
+
+def is_float_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` that qcompile has not quantized."""
+    return isinstance(module, nn.Linear) and not isinstance(module, QuantizedLinear)

@@ -10,6 +10,13 @@ dims inside their ranges and consistent, and torch.export's own guards pass
 kwargs-dict where the default is None counts as the default. Anything else runs the
 module's own forward, whose quantized linears call the same ops. `last_path`,
 `last_reason` and `calls` record the choice.
+
+The graph is never stale: once a submodule is added or replaced after quantization
+(LoRA adapters, a wrapped layer) calls run the module's own forward, which honours
+the change, until the original modules are back (adapters unloaded). A call that
+needs autograd runs it too (the program holds no backward). Under torch.compile the
+module's forward is what Dynamo traces: the matcher is plain Python over the call,
+and the qcompile ops inside the forward are the same custom ops the program holds.
 """
 
 from __future__ import annotations
@@ -26,11 +33,32 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from qcompile.capture import RETURN_DICT, Capture, finite_int
+from qcompile.modules import adopt_lora_layers
 
 logger = logging.getLogger(__name__)
 
 GRAPH, EAGER = "graph", "eager"
 WARN_LIMIT = 16  # distinct fallback reasons warned about per model; later ones at debug
+STALE = (
+    "the model's modules changed after quantization (LoRA adapters added, a layer "
+    "replaced), which the lowered graph does not contain"
+)
+
+# Bumped whenever any module anywhere registers a submodule (setattr, add_module): a
+# runtime re-checks its model's structure only after that happened.
+_generation = 0
+
+
+def _module_registered(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    global _generation
+    _generation += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_module_registered)
+
+
+def _structure(module: nn.Module) -> tuple:
+    return tuple((name, id(m)) for name, m in module.named_modules())
 
 
 def _argument_name(path: tuple) -> str:
@@ -163,6 +191,9 @@ class GraphRuntime:
         self.output_type = captured.output_type
         self.output_fields = captured.output_fields
         self.graph_enabled = True
+        self._structure = _structure(module)
+        self._generation = _generation
+        self._stale = ""
         self.calls: Counter[str] = Counter()
         self.last_path: str | None = None
         self.last_reason = ""
@@ -183,7 +214,9 @@ class GraphRuntime:
 
     # ----------------------------------------------------------------- calling
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        routed = self.matcher.match(args, kwargs) if self.graph_enabled else "graph disabled"
+        if torch.compiler.is_compiling():  # Dynamo traces the forward; no Python state
+            return type(self.module).forward(self.module, *args, **kwargs)
+        routed = self._route(args, kwargs)
         if isinstance(routed, str):
             self._record(EAGER, routed)
             return type(self.module).forward(self.module, *args, **kwargs)
@@ -194,6 +227,26 @@ class GraphRuntime:
         if return_dict and self.output_type is not None:
             return self.output_type(**dict(zip(self.output_fields, result, strict=True)))
         return result
+
+    def _route(self, args: tuple, kwargs: dict) -> str | tuple[list, torch.device, bool]:
+        if not self.graph_enabled:
+            return "graph disabled"
+        if self._generation != _generation:
+            self._generation = _generation
+            self._stale = "" if _structure(self.module) == self._structure else STALE
+            if self._stale:
+                adopt_lora_layers(self.module)
+        if self._stale:
+            return self._stale
+        routed = self.matcher.match(args, kwargs)
+        if not isinstance(routed, str) and torch.is_grad_enabled() and self._needs_grad(routed[0]):
+            return "autograd is on and something requires grad (the graph has no backward)"
+        return routed
+
+    def _needs_grad(self, flat: list) -> bool:
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
+            return True
+        return any(p.requires_grad for p in self.module.parameters())
 
     def eager(self, *args: Any, **kwargs: Any) -> Any:
         """The module's own forward (quantized linears), whatever the call."""
@@ -212,12 +265,16 @@ class GraphRuntime:
             logger.debug("%s: eager fallback (%s)", name, reason)
             return
         self._warned.add(reason)
+        if reason == STALE:
+            hint = "it is correct, and back on the graph once the modules are restored"
+        else:
+            hint = "to keep such calls on the graph, quantize with example_inputs taken from one"
         logger.warning(
             "%s: this call runs the eager fallback, not the compiled graph, because %s. "
-            "Calls like it stay eager (slower); to keep them on the graph, quantize with "
-            "example_inputs taken from such a call.",
+            "Calls like it stay eager (slower); %s.",
             name,
             reason,
+            hint,
         )
 
     # ----------------------------------------------------------------- state
@@ -299,6 +356,11 @@ def _retarget(gm: torch.fx.GraphModule, old: torch.device, new: torch.device):
 
 
 def runtime_of(module: nn.Module) -> GraphRuntime | None:
-    """The GraphRuntime installed on a quantized module, or None."""
-    forward = module.__dict__.get("forward")
-    return forward if isinstance(forward, GraphRuntime) else None
+    """The GraphRuntime installed on a quantized module, or None. Found under
+    accelerate's hooks too (device_map, CPU offload), which keep the forward they
+    wrap as `_old_forward`."""
+    for attr in ("forward", "_old_forward"):
+        forward = module.__dict__.get(attr)
+        if isinstance(forward, GraphRuntime):
+            return forward
+    return None

@@ -37,7 +37,7 @@ from qcompile.integrations.diffusers_config import (
     not_convert_globs,
 )
 from qcompile.memory import release_freed_memory
-from qcompile.modules import QuantizedLinear
+from qcompile.modules import QuantizedLinear, is_float_linear
 from qcompile.recipes import LayerScheme
 from qcompile.schemes import FLOAT_TENSORS, tensor_names
 from qcompile.svdquant import empty_layer, quantize_layer, split_layer
@@ -199,9 +199,7 @@ class QCompileQuantizer(DiffusersQuantizer):
                 f"{' ...' if len(missing) > 8 else ''}"
             )
         if not self.pre_quantized:
-            unloaded = [
-                fqn for fqn in self.selected if isinstance(model.get_submodule(fqn), nn.Linear)
-            ]
+            unloaded = [fqn for fqn in self.selected if is_float_linear(model.get_submodule(fqn))]
             if unloaded:
                 raise CheckpointError(f"{self._where()}: no weight was loaded for {unloaded[:8]}")
         _align_cpu_tensors(model)
@@ -252,7 +250,7 @@ def _linear_at(model: nn.Module, fqn: str, where: str) -> nn.Linear:
         linear = model.get_submodule(fqn)
     except AttributeError:
         linear = None
-    if not isinstance(linear, nn.Linear):
+    if not is_float_linear(linear):
         raise CheckpointError(
             f"{where}: quantization_config lists layer {fqn!r}, which "
             f"{type(model).__name__} has no nn.Linear named"

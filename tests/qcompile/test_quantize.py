@@ -8,7 +8,7 @@ from torch import nn
 
 import qcompile
 from qcompile import CaptureError, QCompileError, runtime_of
-from qcompile.modules import QuantizedLinear
+from qcompile.modules import QuantizedLinear, is_float_linear
 
 from .models import FAMILIES, pixart_inputs, tiny_pixart
 
@@ -54,7 +54,9 @@ def test_model_identity_is_kept(family):
     result = qcompile.quantize(model, "int8-wo")
     assert result is model and type(result) is type(build())
     quantization_config = result.config.quantization_config
-    assert {k: v for k, v in result.config.items() if k != "quantization_config"} == config
+    added = ("quantization_config", "_pre_quantization_dtype")  # what from_pretrained adds
+    assert {k: v for k, v in result.config.items() if k not in added} == config
+    assert result.config["_pre_quantization_dtype"] == torch.float32
     assert isinstance(quantization_config, qcompile.QCompileConfig)
     assert quantization_config.layers == result.qcompile_state.schemes
     assert result.is_quantized and result.hf_quantizer.quantization_config is quantization_config
@@ -62,7 +64,7 @@ def test_model_identity_is_kept(family):
     state = result.qcompile_state
     swapped = {n for n, m in result.named_modules() if isinstance(m, QuantizedLinear)}
     assert swapped == set(state.schemes) and swapped <= linears
-    assert not any(isinstance(result.get_submodule(n), nn.Linear) for n in swapped)
+    assert not any(is_float_linear(result.get_submodule(n)) for n in swapped)
     assert all(not p.requires_grad for p in result.parameters())
 
 
