@@ -247,6 +247,24 @@ def _mark_diffusers(module: nn.Module, captured: Capture | None, state, hf_quant
     module.quantization_method = config.quant_method
     module.save_pretrained = functools.partial(save, module)
     module.num_parameters = functools.partial(num_parameters, module)
+    module.to = functools.partial(_to, module)
+
+
+def _to(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    """diffusers' `ModelMixin.to`, except that a "cast" to the dtype the model already
+    has is a move, not an error (`pipe.to("cuda", torch.bfloat16)` on a bf16 pipeline);
+    a real cast stays refused, as diffusers refuses it for every quantized model."""
+    device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+    if dtype is not None and dtype != module.dtype:
+        raise ValueError(
+            f"casting a qcompile-quantized {type(module).__name__} from {module.dtype} to "
+            f"{dtype} is unsupported (its weights are packed and its graph is {module.dtype}): "
+            f"load it with torch_dtype={dtype} or quantize a {dtype} model; in a pipeline, "
+            "cast the other components one by one (pipe.vae.to(dtype), ...)"
+        )
+    if device is None:
+        return module
+    return type(module).to(module, device, non_blocking=non_blocking)
 
 
 def num_parameters(
@@ -333,7 +351,7 @@ def dequantize(module: nn.Module) -> nn.Module:
         linear.requires_grad_(False)
         parent, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent), attr, linear)
-    for attr in ("forward", "save_pretrained", "num_parameters", STATE_ATTR):
+    for attr in ("forward", "save_pretrained", "num_parameters", "to", STATE_ATTR):
         module.__dict__.pop(attr, None)
     if hasattr(module, "register_to_config"):
         config = dict(module.config)

@@ -44,6 +44,10 @@ STALE = (
     "replaced), which the lowered graph does not contain"
 )
 
+EXACT_INT_LIMIT = 1 << 24  # integers below it are exact in float32 (timesteps are < 1000)
+MAX_CAST_NUMEL = 4096  # integer inputs cast at the boundary are timestep-sized
+LORA_SCALE_KWARGS = ("joint_attention_kwargs", "attention_kwargs", "cross_attention_kwargs")
+
 # Bumped whenever any module anywhere registers a submodule (setattr, add_module): a
 # runtime re-checks its model's structure only after that happened.
 _generation = 0
@@ -124,12 +128,13 @@ class CallMatcher:
             if param.kind is param.VAR_KEYWORD or param.kind is param.VAR_POSITIONAL:
                 if value:
                     return f"extra arguments {name}={value!r}"
-            elif not _is_unset(value, param.default):
+            elif not _is_unset(value, param.default) and not _only_lora_scale(name, value):
                 return f"argument {name!r} was not captured"
         inputs = {n: (False if n == RETURN_DICT else values.get(n)) for n in self.input_names}
         flat, spec = pytree.tree_flatten(((), inputs))
         if spec != self.program.call_spec.in_spec:
             return "argument structure differs from the capture"
+        flat = [self._coerce(leaf, want) for leaf, want in zip(flat, self._leaves, strict=True)]
         reason = self._match_leaves(flat)
         if reason:
             return reason
@@ -143,6 +148,31 @@ class CallMatcher:
         if len(devices) != 1:
             return f"inputs on several devices {sorted(map(str, devices))}"
         return flat, devices.pop(), return_dict
+
+    @staticmethod
+    def _coerce(leaf: Any, want: _Tensor | _Const) -> Any:
+        """Integer timesteps where a float tensor was captured, cast at the boundary.
+
+        DDIM, DPM++, UniPC, LCM and TCD hand the UNet int64 timesteps (a Python int
+        from some pipelines); the model's first use of them is a cast to float, so
+        casting here is exact while the values are exactly representable (|t| < 2^24),
+        which is checked. Anything else is left for `_match_leaves` to judge.
+        """
+        if not isinstance(want, _Tensor) or not want.dtype.is_floating_point:
+            return leaf
+        if isinstance(leaf, int) and not isinstance(leaf, bool) and not want.dims:
+            leaf = torch.tensor(leaf)
+            return leaf.to(want.dtype) if abs(int(leaf)) < EXACT_INT_LIMIT else leaf
+        if (
+            isinstance(leaf, torch.Tensor)
+            and not leaf.dtype.is_floating_point
+            and leaf.dtype is not torch.bool
+            and leaf.dim() == len(want.dims)
+            and leaf.numel() <= MAX_CAST_NUMEL
+            and (leaf.numel() == 0 or int(leaf.abs().max()) < EXACT_INT_LIMIT)
+        ):
+            return leaf.to(want.dtype)
+        return leaf
 
     def _match_leaves(self, flat: list) -> str:
         bindings: dict[sympy.Symbol, int] = {}
@@ -309,6 +339,13 @@ def _is_unset(value: Any, default: Any) -> bool:
     if default is None and isinstance(value, (dict, list, tuple)) and not value:
         return True
     return _same_constant(value, default)
+
+
+def _only_lora_scale(name: str, value: Any) -> bool:
+    """`joint_attention_kwargs={"scale": s}` and the like, which pipelines pass for LoRA:
+    the scale only reaches peft's layers, and a call runs the graph only when the model
+    has none (see `GraphRuntime._route`), so it leaves the graph's output unchanged."""
+    return name in LORA_SCALE_KWARGS and isinstance(value, dict) and set(value) == {"scale"}
 
 
 def _same_constant(a: Any, b: Any) -> bool:

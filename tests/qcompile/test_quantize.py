@@ -153,3 +153,16 @@ def test_recipe_selecting_nothing_is_a_clear_error():
     recipe = qcompile.get_recipe("int8-wo").replace(include=("vae.*",))
     with pytest.raises(qcompile.NoLinearSelectedError, match="selects none of the model's"):
         qcompile.quantize(build(), recipe)
+
+
+def test_to_the_same_dtype_is_a_move_and_a_real_cast_is_refused_clearly():
+    build, inputs_for = FAMILIES["flux"]
+    model = qcompile.quantize(build(), "int8-wo")
+    assert model.to("cpu", torch.float32) is model  # pipe.to(device, its own dtype)
+    assert model.to(dtype=torch.float32) is model and model.to(torch.device("cpu")) is model
+    with pytest.raises(ValueError, match=r"torch_dtype=torch.bfloat16"):
+        model.to(torch.bfloat16)
+    assert model.dtype == torch.float32  # nothing was half-cast
+    with torch.no_grad():
+        model(**inputs_for(model), return_dict=False)
+    assert qcompile.runtime_of(model).last_path == "graph"

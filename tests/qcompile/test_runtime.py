@@ -7,7 +7,7 @@ import torch
 
 import qcompile
 from qcompile import runtime_of
-from qcompile.tiny import tiny_flux, tiny_flux_pipeline, tiny_unet
+from qcompile.tiny import tiny_flux, tiny_flux_pipeline, tiny_sdxl_pipeline, tiny_unet
 
 from .models import flux_eval_inputs, unet_eval_inputs
 
@@ -52,10 +52,19 @@ def test_matching_calls_run_the_graph_and_equal_eager(flux, sizes):
 def test_uncaptured_argument_falls_back_to_eager(flux):
     inputs = flux_eval_inputs(flux)
     graph_out = _call(flux, **inputs)
-    out = _call(flux, **inputs, joint_attention_kwargs={"scale": 1.0})
+    out = _call(flux, **inputs, joint_attention_kwargs={"scale": 1.0, "unused": 0})
     _assert_path(flux, "eager")
     assert "joint_attention_kwargs" in runtime_of(flux).last_reason
     assert torch.equal(out, graph_out)
+
+
+def test_lora_scale_alone_stays_on_the_graph(flux):
+    # Pipelines pass joint_attention_kwargs={"scale": lora_scale}; without LoRA layers
+    # (the only case the graph runs) it changes nothing.
+    inputs = flux_eval_inputs(flux)
+    graph_out = _call(flux, **inputs)
+    assert torch.equal(_call(flux, **inputs, joint_attention_kwargs={"scale": 0.5}), graph_out)
+    _assert_path(flux, "graph")
 
 
 def test_empty_kwargs_dict_counts_as_unset(flux):
@@ -168,16 +177,57 @@ def test_flux_pipeline_calls_take_the_graph(dtype):
     assert qcompile.sqnr(reference.float(), images.float()) > PIPELINE_IMAGE_SQNR_DB[dtype]
 
 
-def test_a_call_leaving_the_graph_is_warned_once_naming_the_argument(caplog):
-    # DDIM, DPM++, UniPC, LCM and TCD hand the UNet int64 timesteps; the capture saw a
-    # float one. The user must learn which argument, once, at warning level.
+def test_integer_timesteps_stay_on_the_graph():
+    # DDIM, DPM++, UniPC, LCM and TCD hand the UNet int64 timesteps (some pipelines a
+    # Python int); the capture saw a float one. Cast at the boundary: exact, on graph.
     unet = qcompile.quantize(tiny_unet(), "int8-wo")
     inputs = unet_eval_inputs(unet)
-    inputs["timestep"] = inputs["timestep"].long()
+    expected = _call(unet, **inputs)
+    for timestep in (inputs["timestep"].long(), int(inputs["timestep"])):
+        assert torch.equal(_call(unet, **{**inputs, "timestep": timestep}), expected)
+        _assert_path(unet, "graph")
+
+
+def test_sdxl_with_ddim_runs_every_step_on_the_graph():
+    from diffusers import DDIMScheduler
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    qcompile.quantize(pipe.unet, "int8-wo")
+    pipe("a cat", height=32, width=32, num_inference_steps=3, output_type="pt")
+    assert runtime_of(pipe.unet).calls == {"graph": 3}, runtime_of(pipe.unet).last_reason
+
+
+def test_a_call_leaving_the_graph_is_warned_once_naming_the_argument(caplog):
+    # A dtype the capture did not see (here float64) runs eagerly: the user must learn
+    # which argument, once, at warning level.
+    unet = qcompile.quantize(tiny_unet(), "int8-wo")
+    inputs = unet_eval_inputs(unet)
+    inputs["timestep"] = inputs["timestep"].double()
     with caplog.at_level("WARNING", logger="qcompile.runtime"):
         _call(unet, **inputs)
         _call(unet, **inputs)
     _assert_path(unet, "eager")
-    assert runtime_of(unet).last_reason.startswith("timestep is torch.int64")
+    assert runtime_of(unet).last_reason.startswith("timestep is torch.float64")
     warnings = [r for r in caplog.records if "eager fallback" in r.getMessage()]
-    assert len(warnings) == 1 and "timestep is torch.int64" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "timestep is torch.float64" in warnings[0].getMessage()
+
+
+def test_compiled_denoising_loop_compiles_once_with_fullgraph():
+    # torch.compile traces the module's forward (the same qcompile ops); the runtime's
+    # Python bookkeeping must not become guards that recompile on every call.
+    flux = qcompile.quantize(tiny_flux(), "int8-wo")
+    inputs = flux_eval_inputs(flux)
+    expected = [_call(flux, **{**inputs, "timestep": inputs["timestep"] * s}) for s in (1, 0.5)]
+    torch._dynamo.reset()
+    compiled = torch.compile(flux, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for _ in range(2):
+            for scale, want in zip((1, 0.5), expected, strict=True):
+                step = {**inputs, "timestep": inputs["timestep"] * scale}
+                got = compiled(**step, return_dict=False)[0]
+                assert qcompile.sqnr(want, got) > COMPILED_SQNR_DB
+    torch._dynamo.reset()
+
+
+COMPILED_SQNR_DB = 60.0  # same ops, fp32; only the summation order may differ
