@@ -11,13 +11,17 @@ adapters, layer counts) finds it. qcompile's own passes tell the two apart with
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
+from qcompile.errors import QCompileError
 from qcompile.recipes import LayerScheme
 from qcompile.schemes import (
     BIAS,
     FLOAT_TENSORS,
+    INPUT_SCALE,
     LORA_DOWN,
     LORA_UP,
     SMOOTH,
@@ -26,6 +30,7 @@ from qcompile.schemes import (
     tensor_names,
     weight_format_impl,
 )
+from qcompile.svdquant import quantize_layer, split_layer
 
 
 class QuantizedLinear(nn.Linear):
@@ -53,6 +58,7 @@ class QuantizedLinear(nn.Linear):
         self.out_features = out_features
         self.scheme = scheme
         self.quantized_names = tensor_names(scheme)
+        self._unfused: QuantizedWeight | None = None  # see fuse_delta
         for name in self.quantized_names:
             self.register_buffer(name, tensors[name])
         if bias is None:
@@ -81,6 +87,31 @@ class QuantizedLinear(nn.Linear):
         if self.scheme.smooth:
             weight = weight / getattr(self, SMOOTH)
         return weight
+
+    def fuse_delta(self, delta: torch.Tensor, check_finite: bool = False) -> None:
+        """Fold a float [N, K] delta (a fused LoRA) into the weight: dequantize, add,
+        re-split and re-pack with this layer's scheme and smoothing, written in place
+        (same shapes and dtypes, so the lowered graph reads the new values). The
+        tensors before the first fuse are kept for `unfuse`."""
+        weight = self.dequantized_weight() + delta.float()
+        if check_finite and not torch.isfinite(weight).all():
+            raise ValueError("NaNs detected in the fused weights; the adapter may be broken")
+        smooth = getattr(self, SMOOTH) if self.scheme.smooth else None
+        with torch.no_grad():
+            tensors = quantize_layer(split_layer(weight, self.scheme, smooth), self.scheme)
+            if self._unfused is None:
+                self._unfused = {n: t.clone() for n, t in self.quantized_tensors.items()}
+            for name, tensor in tensors.items():
+                if name != INPUT_SCALE:  # calibrated on activations: unchanged
+                    getattr(self, name).copy_(tensor)
+
+    def unfuse(self) -> None:
+        """Restore the packed tensors from before the first `fuse_delta`, exactly."""
+        if self._unfused is not None:
+            with torch.no_grad():
+                for name, tensor in self._unfused.items():
+                    getattr(self, name).copy_(tensor)
+            self._unfused = None
 
     def reset_parameters(self) -> None:  # nn.Linear's would initialise a float weight
         return None
@@ -132,24 +163,39 @@ class _FrozenQuantizedLinear(torch.autograd.Function):
 def adopt_lora_layer(layer: nn.Module) -> None:
     """Make a peft LoRA layer around a QuantizedLinear correct: its adapters stay a
     16-bit branch beside the quantized GEMM (peft casts them to the base weight's dtype,
-    which for fp8 weights is float8), and merging into the packed weight is refused
-    with a clear error (peft would add a float delta into the integer codes)."""
+    which for fp8 weights is float8), and fusing re-packs the weight with the adapter
+    folded in (peft would add a float delta into the integer codes)."""
     dtype = layer.base_layer.bias.dtype if layer.base_layer.bias is not None else torch.float32
     for name in getattr(layer, "adapter_layer_names", ()):
         for param in getattr(layer, name).parameters():
             if param.dtype.itemsize == 1 and param.dtype.is_floating_point:
                 param.data = param.data.to(dtype)
-    layer.merge = _refuse_merge
+    layer.merge = functools.partial(_merge, layer)
+    layer.unmerge = functools.partial(_unmerge, layer)
 
 
-def _refuse_merge(*args, **kwargs) -> None:
-    from qcompile.errors import QCompileError
+def _merge(layer, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+    """peft's `merge` for a LoRA layer on a QuantizedLinear (diffusers' fuse_lora)."""
+    from peft.tuners.tuners_utils import check_adapters_to_merge
 
-    raise QCompileError(
-        "fusing a LoRA into a qcompile-quantized weight is not supported: keep the "
-        "adapter unfused (set_adapters / disable_lora / unload_lora_weights all work), "
-        "or fuse it into the float model and quantize after"
-    )
+    base = layer.get_base_layer()
+    for name in check_adapters_to_merge(layer, adapter_names):
+        if name not in layer.lora_A:
+            continue
+        if layer.use_dora.get(name) or getattr(layer, "lora_bias", {}).get(name):
+            raise QCompileError(
+                f"adapter {name!r} uses DoRA or a LoRA bias, which qcompile cannot fuse into "
+                "a quantized weight; keep it unfused"
+            )
+        base.fuse_delta(layer.get_delta_weight(name), check_finite=safe_merge)
+        layer.merged_adapters.append(name)
+
+
+def _unmerge(layer) -> None:
+    """peft's `unmerge`: the packed weight exactly as it was before the first fuse."""
+    if layer.merged_adapters:
+        layer.get_base_layer().unfuse()
+        layer.merged_adapters.clear()
 
 
 def _is_lora_on_quantized(module: nn.Module | None) -> bool:
