@@ -231,3 +231,17 @@ def test_compiled_denoising_loop_compiles_once_with_fullgraph():
 
 
 COMPILED_SQNR_DB = 60.0  # same ops, fp32; only the summation order may differ
+
+
+def test_runtime_is_found_and_used_under_accelerate_hooks(flux):
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+
+    inputs = flux_eval_inputs(flux)
+    expected = _call(flux, **inputs)
+    runtime = runtime_of(flux)
+    add_hook_to_module(flux, AlignDevicesHook(execution_device="cpu"))
+    assert runtime_of(flux) is runtime  # accelerate keeps it as _old_forward
+    assert torch.equal(_call(flux, **inputs), expected)
+    assert runtime.last_path == "graph"
+    remove_hook_from_module(flux)
+    assert runtime_of(flux) is runtime
