@@ -213,14 +213,25 @@ def adopt_lora_layers(model: nn.Module) -> None:
             adopt_lora_layer(module)
 
 
-def _lora_registered(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
-    """Global module-registration hook: adopt peft LoRA layers as peft swaps them in, so
-    a fuse before the first forward is refused too."""
+_generation = 0  # bumped whenever any module anywhere registers a submodule
+
+
+def registration_generation() -> int:
+    """Changes whenever a submodule was registered (setattr, add_module) anywhere: a
+    runtime re-checks its model's structure only after that happened."""
+    return _generation
+
+
+def _module_registered(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    """The one global module-registration hook: counts registrations, and adopts peft
+    LoRA layers as peft swaps them in (so a fuse before the first forward re-packs)."""
+    global _generation
+    _generation += 1
     if _is_lora_on_quantized(submodule):
         adopt_lora_layer(submodule)
 
 
-torch.nn.modules.module.register_module_module_registration_hook(_lora_registered)
+torch.nn.modules.module.register_module_module_registration_hook(_module_registered)
 
 
 def is_float_linear(module: nn.Module) -> bool:

@@ -33,7 +33,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from qcompile.capture import RETURN_DICT, Capture, finite_int
-from qcompile.modules import adopt_lora_layers
+from qcompile.modules import adopt_lora_layers, registration_generation
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +47,6 @@ STALE = (
 EXACT_INT_LIMIT = 1 << 24  # integers below it are exact in float32 (timesteps are < 1000)
 MAX_CAST_NUMEL = 4096  # integer inputs cast at the boundary are timestep-sized
 LORA_SCALE_KWARGS = ("joint_attention_kwargs", "attention_kwargs", "cross_attention_kwargs")
-
-# Bumped whenever any module anywhere registers a submodule (setattr, add_module): a
-# runtime re-checks its model's structure only after that happened.
-_generation = 0
-
-
-def _module_registered(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
-    global _generation
-    _generation += 1
-
-
-torch.nn.modules.module.register_module_module_registration_hook(_module_registered)
 
 
 def _structure(module: nn.Module) -> tuple:
@@ -134,7 +122,8 @@ class CallMatcher:
         flat, spec = pytree.tree_flatten(((), inputs))
         if spec != self.program.call_spec.in_spec:
             return "argument structure differs from the capture"
-        flat = [self._coerce(leaf, want) for leaf, want in zip(flat, self._leaves, strict=True)]
+        device = next((t.device for t in flat if isinstance(t, torch.Tensor)), None)
+        flat = [self._coerce(x, want, device) for x, want in zip(flat, self._leaves, strict=True)]
         reason = self._match_leaves(flat)
         if reason:
             return reason
@@ -150,7 +139,7 @@ class CallMatcher:
         return flat, devices.pop(), return_dict
 
     @staticmethod
-    def _coerce(leaf: Any, want: _Tensor | _Const) -> Any:
+    def _coerce(leaf: Any, want: _Tensor | _Const, device: torch.device | None) -> Any:
         """Integer timesteps where a float tensor was captured, cast at the boundary.
 
         DDIM, DPM++, UniPC, LCM and TCD hand the UNet int64 timesteps (a Python int
@@ -161,8 +150,9 @@ class CallMatcher:
         if not isinstance(want, _Tensor) or not want.dtype.is_floating_point:
             return leaf
         if isinstance(leaf, int) and not isinstance(leaf, bool) and not want.dims:
-            leaf = torch.tensor(leaf)
-            return leaf.to(want.dtype) if abs(int(leaf)) < EXACT_INT_LIMIT else leaf
+            if abs(leaf) < EXACT_INT_LIMIT:  # on the other inputs' device
+                return torch.tensor(leaf, dtype=want.dtype, device=device)
+            return leaf
         if (
             isinstance(leaf, torch.Tensor)
             and not leaf.dtype.is_floating_point
@@ -222,7 +212,7 @@ class GraphRuntime:
         self.output_fields = captured.output_fields
         self.graph_enabled = True
         self._structure = _structure(module)
-        self._generation = _generation
+        self._generation = registration_generation()
         self._stale = ""
         self.calls: Counter[str] = Counter()
         self.last_path: str | None = None
@@ -261,8 +251,8 @@ class GraphRuntime:
     def _route(self, args: tuple, kwargs: dict) -> str | tuple[list, torch.device, bool]:
         if not self.graph_enabled:
             return "graph disabled"
-        if self._generation != _generation:
-            self._generation = _generation
+        if self._generation != registration_generation():
+            self._generation = registration_generation()
             self._stale = "" if _structure(self.module) == self._structure else STALE
             if self._stale:
                 adopt_lora_layers(self.module)

@@ -40,3 +40,15 @@ def pixart_inputs(batch=2, height=8, width=6, text=7):
         "timestep": torch.full((batch,), 500.0),
         "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
     }
+
+
+def flux_images(pipe, prompt: str = "a photo of a cat"):
+    """A tiny Flux pipeline's images at 32², 2 steps, seed 0, as a tensor."""
+    return pipe(
+        prompt,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images

@@ -13,6 +13,8 @@ from qcompile.metrics import sqnr
 from qcompile.modules import QuantizedLinear
 from qcompile.tiny import HELD_OUT, tiny_flux_pipeline
 
+from .models import flux_images
+
 # int8/fp8 weight-only on the tiny Flux measure 40+ dB against float; a LoRA on top
 # must not cost more than a few dB of that.
 MIN_SQNR_WITH_LORA_DB = 30.0
@@ -65,22 +67,21 @@ def test_adapter_on_quantized_model_is_live_and_correct(recipe):
     assert runtime_of(model).last_path == "graph"  # the original modules are back
 
 
-def test_pipeline_lora_load_set_disable_unload_fuse():
+def _quantized_pipeline_and_lora():
+    """A tiny Flux pipeline with an int8 transformer, and a diffusers-format LoRA."""
     pipe = tiny_flux_pipeline()
     donor = HELD_OUT["flux"][0]()
     donor.add_adapter(_lora_config())
     lora = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(donor).items()}
     qcompile.quantize(pipe.transformer, "int8-wo")
+    return pipe, lora
+
+
+def test_pipeline_lora_load_set_disable_unload_fuse():
+    pipe, lora = _quantized_pipeline_and_lora()
 
     def images():
-        return pipe(
-            "a cat",
-            height=32,
-            width=32,
-            num_inference_steps=2,
-            output_type="pt",
-            generator=torch.Generator().manual_seed(0),
-        ).images
+        return flux_images(pipe)
 
     base = images()
     pipe.load_lora_weights(lora, adapter_name="style")
@@ -108,11 +109,7 @@ def test_pipeline_lora_load_set_disable_unload_fuse():
 
 
 def test_unloading_an_unfused_adapter_restores_the_base_model():
-    pipe = tiny_flux_pipeline()
-    donor = HELD_OUT["flux"][0]()
-    donor.add_adapter(_lora_config())
-    lora = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(donor).items()}
-    qcompile.quantize(pipe.transformer, "int8-wo")
+    pipe, lora = _quantized_pipeline_and_lora()
     inputs = HELD_OUT["flux"][1](pipe.transformer)
     base = _call(pipe.transformer, inputs)
     pipe.load_lora_weights(lora)

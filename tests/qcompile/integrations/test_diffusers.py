@@ -17,6 +17,8 @@ from qcompile import QCompileConfig, runtime_of
 from qcompile.modules import QuantizedLinear
 from qcompile.tiny import HELD_OUT, tiny_flux_pipeline
 
+from ..models import flux_images
+
 MIB = 1 << 20
 
 
@@ -52,14 +54,7 @@ def _tiny_pipeline_folder(tmp_path: Path) -> Path:
 
 
 def _images(pipe):
-    return pipe(
-        "a photo of a cat",
-        height=32,
-        width=32,
-        num_inference_steps=2,
-        output_type="pt",
-        generator=torch.Generator().manual_seed(0),
-    ).images
+    return flux_images(pipe)
 
 
 def test_pipeline_quantization_config_and_pipeline_round_trip(tmp_path):
