@@ -11,10 +11,12 @@ kwargs-dict where the default is None counts as the default. Anything else runs 
 module's own forward, whose quantized linears call the same ops. `last_path`,
 `last_reason` and `calls` record the choice.
 
-The graph is never stale: once a submodule is added or replaced after quantization
-(LoRA adapters, a wrapped layer) calls run the module's own forward, which honours
-the change, until the original modules are back (adapters unloaded). A call that
-needs autograd runs it too (the program holds no backward). Under torch.compile the
+The graph is never stale. peft LoRA layers around the graph's linears are the one
+change it follows: their adapters ride as a 16-bit branch beside each linear, read
+live on every call (`qcompile.lora_graph`). After any other submodule change (a layer
+replaced, an adapter on a layer the graph lacks) calls run the module's own forward,
+which honours it, until the original modules are back. A call that needs autograd
+runs the forward too (the program holds no backward). Under torch.compile the
 module's forward is what Dynamo traces: the matcher is plain Python over the call,
 and the qcompile ops inside the forward are the same custom ops the program holds.
 """
@@ -33,6 +35,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from qcompile.capture import RETURN_DICT, Capture, finite_int
+from qcompile.lora_graph import Adapters, linear_sites, unwrapped_structure, with_branches
 from qcompile.modules import adopt_lora_layers, registration_generation
 
 logger = logging.getLogger(__name__)
@@ -43,14 +46,11 @@ STALE = (
     "the model's modules changed after quantization (LoRA adapters added, a layer "
     "replaced), which the lowered graph does not contain"
 )
+LORA_OFF_GRAPH = "LoRA adapters wrap layers the lowered graph has no linear for"
 
 EXACT_INT_LIMIT = 1 << 24  # integers below it are exact in float32 (timesteps are < 1000)
 MAX_CAST_NUMEL = 4096  # integer inputs cast at the boundary are timestep-sized
 LORA_SCALE_KWARGS = ("joint_attention_kwargs", "attention_kwargs", "cross_attention_kwargs")
-
-
-def _structure(module: nn.Module) -> tuple:
-    return tuple((name, id(m)) for name, m in module.named_modules())
 
 
 def _argument_name(path: tuple) -> str:
@@ -99,6 +99,16 @@ class CallMatcher:
         indexed = pytree.tree_unflatten(list(range(len(self._leaves))), program.call_spec.in_spec)
         paths = [path for path, _ in pytree.tree_flatten_with_path(indexed)[0]]
         self._names = [_argument_name(path) for path in paths]
+
+    def lora_scale(self, args: tuple, kwargs: dict) -> float:
+        """The LoRA `scale` a pipeline passes in `joint_attention_kwargs` and the like
+        (diffusers' forward multiplies every adapter's scaling by it), else 1."""
+        arguments = self.signature.bind(*args, **kwargs).arguments
+        for name in LORA_SCALE_KWARGS:
+            value = arguments.get(name)
+            if isinstance(value, dict) and "scale" in value:
+                return float(value["scale"])
+        return 1.0
 
     def match(self, args: tuple, kwargs: dict) -> str | tuple[list, torch.device, bool]:
         """(flat inputs, device, return_dict) when the call fits; else the reason."""
@@ -211,9 +221,11 @@ class GraphRuntime:
         self.output_type = captured.output_type
         self.output_fields = captured.output_fields
         self.graph_enabled = True
-        self._structure = _structure(module)
+        self._structure = unwrapped_structure(module)[0]
         self._generation = registration_generation()
         self._stale = ""
+        self._sites = linear_sites(program)  # linear FQN → its op nodes, for LoRA
+        self._adapters: Adapters | None = None
         self.calls: Counter[str] = Counter()
         self.last_path: str | None = None
         self.last_reason = ""
@@ -228,7 +240,7 @@ class GraphRuntime:
             if spec.kind is not InputKind.USER_INPUT
         ]
         self._device = _graph_device(program)
-        self._graph_modules = {self._device: program.graph_module}
+        self._graph_modules = {(self._device, ()): program.graph_module}
         self._constants: dict[torch.device, dict[str, torch.Tensor]] = {}
         make_weightless(program)  # from here on the live module owns every tensor
 
@@ -240,28 +252,52 @@ class GraphRuntime:
         if isinstance(routed, str):
             self._record(EAGER, routed)
             return type(self.module).forward(self.module, *args, **kwargs)
-        flat, device, return_dict = routed
+        flat, device, return_dict, branches = routed
         self._record(GRAPH, "")
-        outputs = self._graph_module(device)(*self._state_tensors(device), *flat)
+        gm = self._graph_module(device, tuple(branches))
+        extra = [tensor for pair in branches.values() for tensor in pair]
+        outputs = gm(*self._state_tensors(device), *flat, *extra)
         result = pytree.tree_unflatten(list(outputs), self.program.call_spec.out_spec)
         if return_dict and self.output_type is not None:
             return self.output_type(**dict(zip(self.output_fields, result, strict=True)))
         return result
 
-    def _route(self, args: tuple, kwargs: dict) -> str | tuple[list, torch.device, bool]:
+    def _route(self, args: tuple, kwargs: dict) -> str | tuple:
+        """(flat inputs, device, return_dict, LoRA branches by FQN), or the reason the
+        call runs eagerly."""
         if not self.graph_enabled:
             return "graph disabled"
         if self._generation != registration_generation():
             self._generation = registration_generation()
-            self._stale = "" if _structure(self.module) == self._structure else STALE
-            if self._stale:
-                adopt_lora_layers(self.module)
+            self._check_structure()
         if self._stale:
             return self._stale
         routed = self.matcher.match(args, kwargs)
-        if not isinstance(routed, str) and torch.is_grad_enabled() and self._needs_grad(routed[0]):
+        if isinstance(routed, str):
+            return routed
+        if torch.is_grad_enabled() and self._needs_grad(routed[0]):
             return "autograd is on and something requires grad (the graph has no backward)"
-        return routed
+        branches = {}
+        if self._adapters is not None:
+            branches = self._adapters.branches(self.matcher.lora_scale(args, kwargs))
+            if isinstance(branches, str):
+                return f"a LoRA adapter the graph cannot run ({branches})"
+        return (*routed, branches)
+
+    def _check_structure(self) -> None:
+        """After a submodule registration: the graph runs on (LoRA layers around its
+        linears ride as branches), or calls go eager until the modules are back."""
+        structure, layers = unwrapped_structure(self.module)
+        if layers:
+            adopt_lora_layers(self.module)
+        self._adapters = None
+        if structure != self._structure:
+            self._stale = STALE
+        elif not layers.keys() <= self._sites.keys():
+            self._stale = LORA_OFF_GRAPH
+        else:
+            self._stale = ""
+            self._adapters = Adapters(layers) if layers else None
 
     def _needs_grad(self, flat: list) -> bool:
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
@@ -285,7 +321,7 @@ class GraphRuntime:
             logger.debug("%s: eager fallback (%s)", name, reason)
             return
         self._warned.add(reason)
-        if reason == STALE:
+        if reason in (STALE, LORA_OFF_GRAPH):
             hint = "it is correct, and back on the graph once the modules are restored"
         else:
             hint = "to keep such calls on the graph, quantize with example_inputs taken from one"
@@ -316,10 +352,16 @@ class GraphRuntime:
             per_device[name] = self.program.constants[name].to(device)
         return per_device[name]
 
-    def _graph_module(self, device: torch.device) -> torch.fx.GraphModule:
-        if device not in self._graph_modules:
-            self._graph_modules[device] = _retarget(self.program.graph_module, self._device, device)
-        return self._graph_modules[device]
+    def _graph_module(self, device: torch.device, lora: tuple[str, ...] = ()):
+        """The graph for `device`, with LoRA branches after the linears `lora`."""
+        key = (device, lora)
+        if key not in self._graph_modules:
+            if lora:
+                gm = with_branches(self._graph_module(device), self._sites, list(lora))
+            else:
+                gm = _retarget(self.program.graph_module, self._device, device)
+            self._graph_modules[key] = gm
+        return self._graph_modules[key]
 
 
 def _is_unset(value: Any, default: Any) -> bool:
@@ -333,8 +375,8 @@ def _is_unset(value: Any, default: Any) -> bool:
 
 def _only_lora_scale(name: str, value: Any) -> bool:
     """`joint_attention_kwargs={"scale": s}` and the like, which pipelines pass for LoRA:
-    the scale only reaches peft's layers, and a call runs the graph only when the model
-    has none (see `GraphRuntime._route`), so it leaves the graph's output unchanged."""
+    the scale only reaches peft's layers, whose branches the runtime builds with it
+    (`CallMatcher.lora_scale`)."""
     return name in LORA_SCALE_KWARGS and isinstance(value, dict) and set(value) == {"scale"}
 
 
