@@ -36,6 +36,7 @@ from qcompile.integrations.diffusers_config import (
     keep_in_fp32_globs,
     not_convert_globs,
 )
+from qcompile.integrations.diffusers_lora import patch_lora_loaders
 from qcompile.memory import release_freed_memory
 from qcompile.modules import QuantizedLinear, is_float_linear
 from qcompile.recipes import LayerScheme
@@ -279,12 +280,14 @@ class TransformersSideConfig:
 
 
 def register() -> None:
-    """Make diffusers dispatch quant_method "qcompile" to this quantizer, and let
-    `PipelineQuantizationConfig(quant_backend="qcompile")` find it."""
+    """Make diffusers dispatch quant_method "qcompile" to this quantizer, let
+    `PipelineQuantizationConfig(quant_backend="qcompile")` find it, and let its LoRA
+    loaders read a packed layer's logical shape (`diffusers_lora`)."""
     from diffusers.quantizers import auto
 
     auto.AUTO_QUANTIZER_MAPPING[QCompileMethod.QCOMPILE.value] = QCompileQuantizer
     auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QCompileMethod.QCOMPILE.value] = QCompileConfig
+    patch_lora_loaders()
     if importlib.util.find_spec("transformers") is not None:
         from transformers.quantizers import auto as transformers_auto
 
