@@ -21,7 +21,7 @@ from torch import nn
 from qcompile.calibration import as_calibration_set
 from qcompile.capture import Capture, capture
 from qcompile.errors import CaptureError, NoLinearSelectedError, QCompileError, RecipeError
-from qcompile.families import ModelFamily, detect_family
+from qcompile.families import ModelFamily, detect_family, keep_in_fp32_globs
 from qcompile.modules import QuantizedLinear, is_float_linear
 from qcompile.passes import (
     annotate_linears,
@@ -112,7 +112,7 @@ def quantize(
             "batch and token counts >= 2)"
         )
     program = captured.program
-    excludes = family.default_excludes if family is not None and recipe.family_excludes else ()
+    excludes = _excludes(module, family, recipe)
     schemes = annotate_linears(program, recipe, excludes)
     input_scales = None
     if recipe.needs_calibration:
@@ -170,10 +170,18 @@ def _swap_linears(
         setattr(parent, child, quantized)
 
 
+def _excludes(module: nn.Module, family, recipe: Recipe) -> tuple[str, ...]:
+    """Globs of linears left 16-bit beyond the recipe's own: the family's (unless the
+    recipe opts out) and the model class's `_keep_in_fp32_modules`, as diffusers'
+    quantizers honour it."""
+    excludes = family.default_excludes if family is not None and recipe.family_excludes else ()
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    return tuple(dict.fromkeys((*excludes, *keep_in_fp32_globs(list(keep)))))
+
+
 def select_linears(module: nn.Module, recipe: Recipe) -> dict[str, LayerScheme]:
     """The nn.Linear modules `recipe` selects (family excludes applied), by FQN."""
-    family = detect_family(module)
-    excludes = family.default_excludes if family is not None and recipe.family_excludes else ()
+    excludes = _excludes(module, detect_family(module), recipe)
     linears = [n for n, m in module.named_modules() if is_float_linear(m)]
     selected = {
         n: recipe.scheme_for(m.out_features, m.in_features)

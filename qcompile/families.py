@@ -184,3 +184,9 @@ UNET = ModelFamily(
     dynamic_shapes=_unet_dims,
 )
 FAMILIES = (FLUX, SD3, UNET)
+
+
+def keep_in_fp32_globs(names: list[str]) -> tuple[str, ...]:
+    """Excludes for a model's `_keep_in_fp32_modules`: a linear is skipped when one of
+    its name's dotted components is one of `names` (diffusers keeps those in float32)."""
+    return tuple(g for n in names for g in (n, f"{n}.*", f"*.{n}", f"*.{n}.*"))

@@ -23,6 +23,7 @@ from typing import Any
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from qcompile.errors import CheckpointError, QCompileError
+from qcompile.families import keep_in_fp32_globs  # noqa: F401 - the quantizer's import
 from qcompile.recipes import LayerScheme, Recipe, resolve_recipe
 
 FORMAT_VERSION = 1
@@ -130,12 +131,6 @@ def not_convert_globs(names: list[str]) -> tuple[str, ...]:
     name is one of `names` or lies inside a module whose name ends with one of them
     (the `key + "." in name or key == name` rule diffusers' quantizers apply)."""
     return tuple(glob for name in names for glob in (name, f"*{name}.*"))
-
-
-def keep_in_fp32_globs(names: list[str]) -> tuple[str, ...]:
-    """Excludes for a model's `_keep_in_fp32_modules`: a linear is skipped when one of
-    its name's dotted components is one of `names` (diffusers keeps those in float32)."""
-    return tuple(g for n in names for g in (n, f"{n}.*", f"*.{n}", f"*.{n}.*"))
 
 
 def _recipe(value: Any) -> Recipe:

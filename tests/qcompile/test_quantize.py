@@ -166,3 +166,14 @@ def test_to_the_same_dtype_is_a_move_and_a_real_cast_is_refused_clearly():
     with torch.no_grad():
         model(**inputs_for(model), return_dict=False)
     assert qcompile.runtime_of(model).last_path == "graph"
+
+
+def test_keep_in_fp32_modules_are_left_unquantized(monkeypatch):
+    build, _ = FAMILIES["flux"]
+    model = build()
+    # diffusers' quantizers skip a class's _keep_in_fp32_modules; so does quantize()
+    monkeypatch.setattr(type(model), "_keep_in_fp32_modules", ["ff"], raising=False)
+    qcompile.quantize(model, "int8-wo")
+    kept = [n for n, m in model.named_modules() if n.endswith(".ff.net.2")]
+    assert kept and all(is_float_linear(model.get_submodule(n)) for n in kept)
+    assert isinstance(model.get_submodule("transformer_blocks.0.attn.to_q"), QuantizedLinear)
