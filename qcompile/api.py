@@ -260,19 +260,53 @@ def _mark_diffusers(module: nn.Module, captured: Capture | None, state, hf_quant
 
 def _to(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
     """diffusers' `ModelMixin.to`, except that a "cast" to the dtype the model already
-    has is a move, not an error (`pipe.to("cuda", torch.bfloat16)` on a bf16 pipeline);
-    a real cast stays refused, as diffusers refuses it for every quantized model."""
+    has is a move, not an error (`pipe.to("cuda", torch.bfloat16)` on a bf16 pipeline).
+    A real cast stays refused, as diffusers refuses it for every quantized model,
+    except from `DiffusionPipeline.to`, which casts the components before this one
+    first: refusing there would leave the pipeline half-cast. There, as diffusers does
+    for bitsandbytes, the model keeps its dtype with a warning, and its runtime casts
+    floating inputs to it and outputs back (`GraphRuntime.io_dtype`)."""
     device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+    runtime = runtime_of(module)
+    from_pipeline = _called_by_pipeline_to(inspect.currentframe())
     if dtype is not None and dtype != module.dtype:
-        raise ValueError(
-            f"casting a qcompile-quantized {type(module).__name__} from {module.dtype} to "
-            f"{dtype} is unsupported (its weights are packed and its graph is {module.dtype}): "
-            f"load it with torch_dtype={dtype} or quantize a {dtype} model; in a pipeline, "
-            "cast the other components one by one (pipe.vae.to(dtype), ...)"
+        if not from_pipeline or runtime is None:
+            raise ValueError(
+                f"casting a qcompile-quantized {type(module).__name__} from {module.dtype} "
+                f"to {dtype} is unsupported (its weights are packed and its graph is "
+                f"{module.dtype}): load it with torch_dtype={dtype} or quantize a {dtype} "
+                "model; in a pipeline, cast the other components one by one "
+                "(pipe.vae.to(dtype), ...)"
+            )
+        logger.warning(
+            "%s is qcompile-quantized in %s and keeps that dtype; the pipeline's other "
+            "components are cast to %s, and the model's inputs and outputs are cast at its "
+            "boundary. For a %s model, load it with torch_dtype=%s or quantize a %s model.",
+            type(module).__name__,
+            module.dtype,
+            dtype,
+            dtype,
+            dtype,
+            dtype,
         )
+        runtime.io_dtype = dtype
+    elif dtype is not None and from_pipeline and runtime is not None:
+        runtime.io_dtype = None  # the pipeline is back at the model's own dtype
     if device is None:
         return module
     return type(module).to(module, device, non_blocking=non_blocking)
+
+
+def _called_by_pipeline_to(frame) -> bool:
+    """Whether the caller of `_to` is diffusers' `DiffusionPipeline.to`."""
+    caller = frame.f_back if frame is not None else None
+    if caller is None or caller.f_code.co_name != "to":
+        return False
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        return False
+    return isinstance(caller.f_locals.get("self"), DiffusionPipeline)
 
 
 def num_parameters(

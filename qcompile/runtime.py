@@ -221,6 +221,9 @@ class GraphRuntime:
         self.output_type = captured.output_type
         self.output_fields = captured.output_fields
         self.graph_enabled = True
+        # Set by a pipeline's .to(dtype) (see api._to): floating inputs are cast to the
+        # model's dtype, floating outputs to this one.
+        self.io_dtype: torch.dtype | None = None
         self._structure = unwrapped_structure(module)[0]
         self._generation = registration_generation()
         self._stale = ""
@@ -246,6 +249,13 @@ class GraphRuntime:
 
     # ----------------------------------------------------------------- calling
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.io_dtype is None:
+            return self._call(args, kwargs)
+        inner = self.module.dtype
+        args, kwargs = _cast_floating((args, kwargs), inner)
+        return _cast_floating(self._call(args, kwargs), self.io_dtype)
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
         if torch.compiler.is_compiling():  # Dynamo traces the forward; no Python state
             return type(self.module).forward(self.module, *args, **kwargs)
         routed = self._route(args, kwargs)
@@ -362,6 +372,18 @@ class GraphRuntime:
                 gm = _retarget(self.program.graph_module, self._device, device)
             self._graph_modules[key] = gm
         return self._graph_modules[key]
+
+
+def _cast_floating(tree: Any, dtype: torch.dtype) -> Any:
+    """`tree` with its floating-point tensors cast to `dtype` (diffusers' output
+    classes are pytree nodes, so their fields are reached too)."""
+
+    def cast(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return leaf.to(dtype)
+        return leaf
+
+    return pytree.tree_map(cast, tree)
 
 
 def _is_unset(value: Any, default: Any) -> bool:

@@ -7,9 +7,10 @@ import torch
 
 import qcompile
 from qcompile import runtime_of
+from qcompile.metrics import sqnr
 from qcompile.tiny import tiny_flux, tiny_flux_pipeline, tiny_sdxl_pipeline, tiny_unet
 
-from .models import flux_eval_inputs, unet_eval_inputs
+from .models import flux_eval_inputs, flux_images, unet_eval_inputs
 
 # Tiny FluxPipeline, 2 steps, 32×32: image from the int8-wo transformer vs the float
 # one (text encoders in eval mode: the pipeline is deterministic). Measured 78.09 dB
@@ -130,6 +131,32 @@ def test_dtype_cast_is_refused_like_any_diffusers_quantized_model():
     for cast in (model.half, model.float):  # diffusers' own refusals stay
         with pytest.raises(ValueError, match="not supported for quantized model"):
             cast()
+
+
+# The bf16 pipeline around an fp32 quantized transformer against the all-fp32 one: only
+# the text encoders' and VAE's bf16 rounding differs (measured 44.8 dB on the tiny Flux).
+MIN_SQNR_PIPELINE_CAST_DB = 20.0
+
+
+def test_pipeline_cast_keeps_the_quantized_model_whole_and_working(caplog):
+    pipe = tiny_flux_pipeline()
+    qcompile.quantize(pipe.transformer, "int8-wo")
+    float32_images = flux_images(pipe)
+    with caplog.at_level("WARNING", logger="qcompile.api"):
+        pipe.to(torch.bfloat16)
+    assert "keeps that dtype" in caplog.text
+    assert pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    assert pipe.transformer.dtype == torch.float32  # not half-cast: untouched
+    images = flux_images(pipe)
+    assert runtime_of(pipe.transformer).calls["eager"] == 0, runtime_of(
+        pipe.transformer
+    ).last_reason
+    assert images.dtype == torch.bfloat16 and torch.isfinite(images).all()
+    assert sqnr(float32_images, images.float()) > MIN_SQNR_PIPELINE_CAST_DB
+    pipe.to(torch.float32)
+    assert runtime_of(pipe.transformer).io_dtype is None
+    with pytest.raises(ValueError, match="unsupported"):
+        pipe.transformer.to(torch.bfloat16)  # a direct cast stays refused
 
 
 def test_quantized_linear_follows_device_moves_but_never_casts():
