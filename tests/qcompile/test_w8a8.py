@@ -22,7 +22,7 @@ W8A8_SQNR_DB = {
     ("sd3", "fp8-w8a8"): 49.5,  # 50.09
     ("sd3", "int8-dynamic"): 63.7,  # 64.21
     ("sd3", "fp8-dynamic"): 49.4,  # 49.99
-    ("unet", "int8-w8a8"): 39.1,  # 39.61
+    ("unet", "int8-w8a8"): 38.5,  # 39.61; 39.00 on another CPU at 1 thread (xdist)
     ("unet", "fp8-w8a8"): 28.3,  # 28.80
     ("unet", "int8-dynamic"): 42.5,  # 43.05
     ("unet", "fp8-dynamic"): 29.4,  # 29.99
