@@ -22,6 +22,7 @@ from qcompile.calibration import as_calibration_set
 from qcompile.capture import Capture, capture
 from qcompile.errors import CaptureError, NoLinearSelectedError, QCompileError, RecipeError
 from qcompile.families import ModelFamily, detect_family, keep_in_fp32_globs
+from qcompile.matcher import CallMatcher
 from qcompile.modules import QuantizedLinear, is_float_linear
 from qcompile.passes import (
     annotate_linears,
@@ -32,7 +33,7 @@ from qcompile.passes import (
 )
 from qcompile.passes.observe_activations import observe_activations
 from qcompile.recipes import LayerScheme, Recipe, resolve_recipe
-from qcompile.runtime import CallMatcher, GraphRuntime, runtime_of
+from qcompile.runtime import GraphRuntime, runtime_of
 from qcompile.schemes import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -239,6 +240,8 @@ def _mark_diffusers(module: nn.Module, captured: Capture | None, state, hf_quant
     config.family = state.family
     config.dtype = str(module.dtype).removeprefix("torch.")
     config.program = PROGRAM_NAME if state.runtime is not None else None
+    if state.runtime is not None:
+        state.runtime.compile = config.compile
     if captured is not None and captured.output_type is not None:
         cls = captured.output_type
         config.output = {

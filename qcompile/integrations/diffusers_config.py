@@ -50,6 +50,7 @@ class QCompileConfig(QuantizationConfigMixin):
         schemes: dict[str, dict] | None = None,
         layers: dict[str, str] | dict[str, LayerScheme] | None = None,
         modules_to_not_convert: list[str] | None = None,
+        compile: bool | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QCompileMethod.QCOMPILE
@@ -81,6 +82,11 @@ class QCompileConfig(QuantizationConfigMixin):
         # diffusers' standard kwarg: modules (by name) whose linears stay 16-bit; applied
         # as recipe excludes when the model is quantized on load (see not_convert_globs).
         self.modules_to_not_convert = list(modules_to_not_convert or [])
+        if compile is not None and not isinstance(compile, bool):
+            raise QCompileError(f"compile must be True, False or None (auto), got {compile!r}")
+        # Run the lowered graph through torch.compile(backend="qcompile"), compiled on
+        # the first call: True, False, or None = on CUDA only. Saved with the checkpoint.
+        self.compile = compile
 
     @property
     def pre_quantized(self) -> bool:
@@ -99,7 +105,7 @@ class QCompileConfig(QuantizationConfigMixin):
             "format_version": self.format_version,
             "recipe": self.recipe.to_dict(),
         }
-        for key in ("family", "dtype", "program", "output"):
+        for key in ("family", "dtype", "program", "output", "compile"):
             if getattr(self, key) is not None:
                 out[key] = copy.deepcopy(getattr(self, key))
         if self.modules_to_not_convert:

@@ -166,8 +166,8 @@ def test_lowered_program_keeps_fqn_named_buffers():
 
 
 def test_golden_block_w8a8_quantizes_each_tensor_once():
+    from qcompile.matcher import CallMatcher
     from qcompile.passes.observe_activations import observe_activations
-    from qcompile.runtime import CallMatcher
 
     captured = capture(AttentionBlock().eval(), block_inputs())
     program = captured.program

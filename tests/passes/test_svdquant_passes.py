@@ -10,11 +10,11 @@ from expecttest import assert_expected_inline
 
 from qcompile import get_recipe, sqnr
 from qcompile.capture import capture
+from qcompile.matcher import CallMatcher
 from qcompile.passes import annotate_linears, fold_lowrank, lower_linears, quantize_weights, smooth
 from qcompile.passes.meta import LOWRANK_OF
 from qcompile.passes.observe_activations import observe_activations
 from qcompile.render import op_counts, render_graph
-from qcompile.runtime import CallMatcher
 
 from .blocks import AttentionBlock, block_inputs
 

@@ -6,11 +6,13 @@ import logging
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import qcompile
+from qcompile import runtime_of
 from qcompile.backend import QCompilePasses
 from qcompile.tiny import HELD_OUT
 
@@ -61,6 +63,9 @@ def test_compiled_quantized_flux_shares_quantization_and_compiles_once(caplog):
     with (
         torch.no_grad(),
         torch._dynamo.config.patch(error_on_recompile=True),
+        # a cached compile skips the passes (correctly); this test watches them run
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
         caplog.at_level(logging.INFO, logger="qcompile.passes.share_quantize"),
     ):
         eager = model(**inputs, return_dict=False)[0]
@@ -70,3 +75,39 @@ def test_compiled_quantized_flux_shares_quantization_and_compiles_once(caplog):
     assert "14 duplicate activation quantizations removed" in caplog.text
     assert qcompile.sqnr(eager, first) > MIN_SQNR_COMPILED_VS_EAGER_DB
     assert again.shape == first.shape and not torch.equal(again, first)
+
+
+def test_reload_compiles_the_lowered_graph_on_first_call_when_asked(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    build, held_out = HELD_OUT["flux"]
+    build().save_pretrained(tmp_path / "float")
+    config = qcompile.QCompileConfig("int8-dynamic", compile=True)
+    quantized = FluxTransformer2DModel.from_pretrained(
+        tmp_path / "float", quantization_config=config
+    )
+    quantized.save_pretrained(tmp_path / "int8")
+    compiled = FluxTransformer2DModel.from_pretrained(tmp_path / "int8")
+    uncompiled = FluxTransformer2DModel.from_pretrained(tmp_path / "int8")
+    assert runtime_of(compiled).compile is True  # saved with the checkpoint
+    runtime_of(uncompiled).compile = False
+    inputs = held_out(compiled)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        want = uncompiled(**inputs, return_dict=False)[0]
+        got = compiled(**inputs, return_dict=False)[0]
+        again = compiled(**inputs, return_dict=False)[0]  # the same graph: no recompile
+    assert runtime_of(compiled).last_path == "graph"
+    assert len(runtime_of(compiled)._compiled) == 1 and not runtime_of(uncompiled)._compiled
+    assert qcompile.sqnr(want, got) > MIN_SQNR_COMPILED_VS_EAGER_DB
+    assert torch.equal(got, again)
+
+
+def test_compile_defaults_to_cuda_only():
+    model = qcompile.quantize(HELD_OUT["flux"][0](), "int8-wo")
+    assert runtime_of(model).compile is None
+    with torch.no_grad():
+        model(**HELD_OUT["flux"][1](model), return_dict=False)
+    assert not runtime_of(model)._compiled  # CPU inputs: the graph runs uncompiled
+    with pytest.raises(qcompile.QCompileError, match="compile must be"):
+        qcompile.QCompileConfig("int8-wo", compile="yes")
