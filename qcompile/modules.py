@@ -224,8 +224,13 @@ def registration_generation() -> int:
 
 def _module_registered(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
     """The one global module-registration hook: counts registrations, and adopts peft
-    LoRA layers as peft swaps them in (so a fuse before the first forward re-packs)."""
+    LoRA layers as peft swaps them in (so a fuse before the first forward re-packs).
+    Under torch.compile it does nothing: forwards that slice a ModuleList build
+    temporary containers, and a global counter bumped in a traced forward would become
+    a guard that fails on every call (a recompile each step)."""
     global _generation
+    if torch.compiler.is_compiling():
+        return
     _generation += 1
     if _is_lora_on_quantized(submodule):
         adopt_lora_layer(submodule)

@@ -38,11 +38,12 @@ def fake_quantize(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype)
 
 
 def quantize_act_static(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    x = x.contiguous()  # the op's outputs are contiguous, as its fake says, whatever x is
     return _cast(x.to(torch.float32) / scale.to(torch.float32), dtype)
 
 
 def quantize_act_dynamic(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    xf = x.to(torch.float32)
+    xf = x.contiguous().to(torch.float32)  # contiguous outputs, as the op's fake says
     scale = absmax_scale(xf.abs().amax(dim=-1, keepdim=True), qmax(dtype))
     return _cast(xf / scale, dtype), scale
 

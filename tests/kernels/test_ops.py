@@ -63,3 +63,34 @@ def test_fake_impl_reports_mismatched_weight():
     scale = torch.empty(40, device="meta")
     with pytest.raises(RuntimeError, match=r"weight \(40, 47\) does not fit x \[\.\.\., 48\]"):
         torch.ops.qcompile.linear_int8_wo(x, weight, scale, None)
+
+
+def _permuted(batch=2, tokens=6, k=16):
+    """A dense but non-contiguous activation, as UNet blocks hand their linears after
+    (B, C, H, W) → (B, HW, C)."""
+    return torch.randn(batch, k, tokens).permute(0, 2, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_opcheck_activation_quantize_on_permuted_inputs(dtype):
+    x = _permuted()
+    assert not x.is_contiguous()
+    ops = torch.ops.qcompile
+    # opcheck compares the real outputs' strides with the fake's (contiguous)
+    torch.library.opcheck(ops.quantize_act_dynamic.default, (x, dtype))
+    torch.library.opcheck(ops.quantize_act_static.default, (x, torch.tensor(0.05), dtype))
+
+
+@pytest.mark.parametrize("recipe", ["int8-wo", "int4-wo", "int8-dynamic"])
+def test_opcheck_linears_on_permuted_inputs(recipe):
+    scheme = qcompile.get_recipe(recipe).scheme_for(8, 16)
+    impl = weight_format_impl(scheme.weight)
+    tensors = impl.quantize(torch.randn(8, 16), scheme.weight)
+    x = _permuted()
+    if scheme.activation.quantized:
+        x_q, x_scale = torch.ops.qcompile.quantize_act_dynamic(x, torch.int8)
+        args = (x_q, x_scale, tensors["weight"], tensors["weight_scale"], None, torch.float32)
+        torch.library.opcheck(torch.ops.qcompile.linear_int8_w8a8.default, args)
+    else:
+        args = (x, tensors["weight"], tensors["weight_scale"], None)
+        torch.library.opcheck(impl.op, (*args, *impl.static_args(scheme.weight)))

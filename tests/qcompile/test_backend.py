@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from torch import fx
+from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import qcompile
@@ -18,6 +19,10 @@ from qcompile.tiny import HELD_OUT
 
 # Inductor's fused CPU code against the eager ops it replaces: float32 reordering only.
 MIN_SQNR_COMPILED_VS_EAGER_DB = 60.0
+# With dynamic activation quantization that reordering flips roundings, which the UNet
+# amplifies (compiled vs eager measured 42.8 dB, while the float UNet compiles to
+# 119 dB of eager): compiled output is held to eager's quality against float instead.
+MAX_COMPILED_QUALITY_LOSS_DB = 1.0
 
 
 def test_backend_is_found_by_name_without_importing_qcompile():
@@ -54,12 +59,24 @@ def test_passes_uuid_follows_the_pass_sources_and_chains_the_users_pass():
     assert seen == [graph]
 
 
-def test_compiled_quantized_flux_shares_quantization_and_compiles_once(caplog):
-    build, held_out = HELD_OUT["flux"]
-    model = qcompile.quantize(build(), "int8-dynamic")
-    inputs = held_out(model)
+# Two input sizes per family, batch 2 (torch specializes size-1 dims even when dynamic).
+SIZES = {
+    "flux": ({"rows": 6, "cols": 6}, {"rows": 8, "cols": 4}),
+    "sd3": ({"height": 20, "width": 16}, {"height": 24, "width": 20}),
+    "unet": ({"height": 24, "width": 20}, {"height": 32, "width": 24}),
+}
+# W8A8 linears and the distinct tensors they read (as in the lowered program), so
+# share_quantize removes the difference.
+SHARED = {"flux": (40, 26), "sd3": (25, 17), "unet": (96, 65)}
+
+
+@pytest.mark.parametrize("family", sorted(SIZES))
+def test_fullgraph_compile_shares_quantization_and_compiles_once_over_sizes(family, caplog):
+    build, held_out = HELD_OUT[family]
+    float_model, model = build(), qcompile.quantize(build(), "int8-dynamic")
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="qcompile", fullgraph=True)
+    counters.clear()
+    compiled = torch.compile(model, backend="qcompile", fullgraph=True, dynamic=True)
     with (
         torch.no_grad(),
         torch._dynamo.config.patch(error_on_recompile=True),
@@ -68,13 +85,17 @@ def test_compiled_quantized_flux_shares_quantization_and_compiles_once(caplog):
         torch._functorch.config.patch(enable_autograd_cache=False),
         caplog.at_level(logging.INFO, logger="qcompile.passes.share_quantize"),
     ):
-        eager = model(**inputs, return_dict=False)[0]
-        first = compiled(**inputs, return_dict=False)[0]
-        again = compiled(**held_out(model, seed=5), return_dict=False)[0]
-    # 40 W8A8 linears read 26 distinct tensors (as in the lowered program)
-    assert "14 duplicate activation quantizations removed" in caplog.text
-    assert qcompile.sqnr(eager, first) > MIN_SQNR_COMPILED_VS_EAGER_DB
-    assert again.shape == first.shape and not torch.equal(again, first)
+        for size in SIZES[family]:
+            inputs = held_out(model, batch=2, **size)
+            reference = float_model(**inputs, return_dict=False)[0]
+            eager = model(**inputs, return_dict=False)[0]
+            got = compiled(**inputs, return_dict=False)[0]
+            eager_db = qcompile.sqnr(reference, eager)
+            assert qcompile.sqnr(reference, got) > eager_db - MAX_COMPILED_QUALITY_LOSS_DB
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    gemms, tensors = SHARED[family]
+    assert f"{gemms - tensors} duplicate activation quantizations removed" in caplog.text
 
 
 def test_reload_compiles_the_lowered_graph_on_first_call_when_asked(tmp_path):
