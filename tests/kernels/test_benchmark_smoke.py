@@ -44,3 +44,49 @@ def test_kernel_benchmark_refuses_to_run_without_a_gpu_unless_smoke():
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr
+
+
+def test_e2e_benchmark_smoke_run_writes_every_row(tmp_path):
+    out = tmp_path / "e2e.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.e2e", "--smoke", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "smoke run" in done.stdout
+    payload = json.loads(out.read_text())
+    assert payload["mode"].startswith("smoke") and payload["targets"] is None
+    assert {"torch", "device", "date", "command"} <= set(payload["meta"])
+    rows = payload["rows"]
+    assert set(rows) == {"bf16", "bf16+compile", "int8-dynamic+qcompile"}
+    assert rows["bf16+compile"]["vs_bf16_compile"] == 1.0
+    for row in rows.values():
+        assert row["ms"] > 0 and len(row["ms_all"]) == 2 and row["weight_gib"] > 0
+    assert rows["int8-dynamic+qcompile"]["weight_gib"] < rows["bf16"]["weight_gib"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU it runs the benchmark")
+def test_e2e_benchmark_refuses_to_run_without_a_gpu_unless_smoke():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.e2e"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr
+
+
+def test_e2e_flux_builder_materialises_meta_weights_and_runs():
+    from benchmarks.e2e import flux_dev, flux_inputs
+
+    small = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                 guidance_embeds=True, axes_dims_rope=(4, 6, 6))  # fmt: skip
+    model = flux_dev("cpu", torch.float32, config=small)
+    assert not any(t.is_meta for t in model.state_dict().values())
+    linear = model.transformer_blocks[0].attn.to_q
+    assert 0.01 < linear.weight.std() < 0.03 and not linear.bias.any()
+    norm_q = model.transformer_blocks[0].attn.norm_q.weight
+    assert torch.equal(norm_q, torch.ones_like(norm_q))
+    inputs = flux_inputs(model, image_tokens=16, text_tokens=8, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]
+    assert out.shape == (1, 16, 16) and torch.isfinite(out).all()
