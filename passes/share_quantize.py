@@ -34,16 +34,19 @@ def share_quantize(graph: fx.Graph) -> int:
     quantize calls were removed."""
     quantize_ops = _quantize_ops()
     seen: dict[tuple, fx.Node] = {}
+    kept: set[fx.Node] = set()  # quantize calls left in place: their getitems merge
     removed = 0
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
         is_quantize = node.target in quantize_ops
-        if not is_quantize and node.target is not operator.getitem:
+        is_unpack = node.target is operator.getitem and node.args[0] in kept
+        if not (is_quantize or is_unpack):
             continue
         key = (node.target, _hashable(node.args), _hashable(node.kwargs))
         first = seen.setdefault(key, node)
         if first is node:
+            kept.add(node)
             continue
         node.replace_all_uses_with(first)
         graph.erase_node(node)
@@ -56,6 +59,8 @@ def share_quantize(graph: fx.Graph) -> int:
 
 def _hashable(value):
     """args/kwargs as a hashable key; nodes compare by identity."""
+    if isinstance(value, slice):
+        return ("slice", _hashable(value.start), _hashable(value.stop), _hashable(value.step))
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, *(_hashable(v) for v in value))
     if isinstance(value, dict):

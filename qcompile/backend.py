@@ -6,10 +6,14 @@ the backend imports qcompile, which defines the `qcompile::` ops the graph calls
 Dynamo's graph of a quantized model calls those ops directly (its quantized linears'
 forward; see runtime.py "torch.compile"); inductor compiles everything around them.
 
-qcompile's passes run inside inductor on the post-grad ATen graph, handed over as one
-`CustomGraphPass` whose `uuid()` hashes the pass files' source, so inductor's FX graph
-cache is invalidated exactly when a pass changes. A user's own post-grad pass, if
-configured, still runs after them.
+Two passes run on Dynamo's graph before inductor sees it: `share_quantize` (one
+activation quantization per tensor and scheme) and, with `FUSE_ACTIVATION_QUANT`,
+`fuse_act_quant` (the quantize ops become their reference torch ops, which inductor
+fuses into the producing norm / modulation kernel). Inductor's cache keys on the graph
+they produce. Inside inductor, on the post-grad ATen graph, qcompile's passes run as
+one `CustomGraphPass` whose `uuid()` hashes the pass files' source, so inductor's FX
+graph cache is invalidated exactly when a pass changes; a user's own post-grad pass,
+if configured, runs after them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 PASS_FILES = ("share_quantize.py",)
+# Let inductor fuse activation quantization into the kernel producing the activation
+# (passes/fuse_act_quant.py); False keeps qcompile's own quantize kernels.
+FUSE_ACTIVATION_QUANT = True
 
 
 class QCompilePasses(CustomGraphPass):
@@ -54,6 +61,13 @@ def backend(gm: fx.GraphModule, example_inputs: list[torch.Tensor], **kwargs: An
     from torch._inductor.compile_fx import compile_fx
 
     import qcompile.passes  # noqa: F401 - qcompile's ops and kernels, and the pass files
+    from qcompile.passes.fuse_act_quant import fuse_act_quant
+    from qcompile.passes.share_quantize import share_quantize
+
+    share_quantize(gm.graph)
+    if FUSE_ACTIVATION_QUANT:
+        fuse_act_quant(gm.graph)
+    gm.recompile()
 
     # torch.compile hands a named backend its `mode` and `options` as kwargs; for
     # inductor they are config patches (mode="max-autotune-no-cudagraphs", ...).

@@ -69,3 +69,22 @@ v13 = quantize_act_static(x, scale, torch.int8)""",
     )
     after = gm(x, w, s, scale)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_fuse_act_quant_hands_each_quantization_to_its_reference_ops():
+    from qcompile.passes.fuse_act_quant import fuse_act_quant
+
+    gm = fx.symbolic_trace(_three_projections)
+    x, w = torch.randn(4, 8), torch.randint(-127, 128, (8, 8), dtype=torch.int8)
+    s, scale = torch.rand(8) / 100, torch.tensor(0.02)
+    before = gm(x, w, s, scale)
+    share_quantize(gm.graph)
+    assert fuse_act_quant(gm.graph) == 3  # two dynamic (x, relu) and one static
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert not any(getattr(t, "namespace", "") == "qcompile" and "quantize" in str(t)
+                   for t in targets)  # fmt: skip
+    assert sum(getattr(t, "__module__", "").endswith("reference.act") for t in targets) == 3
+    # the reference is the ops' definition: bitwise the same values on the CPU
+    after = gm(x, w, s, scale)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import subprocess
 import sys
@@ -23,6 +24,21 @@ MIN_SQNR_COMPILED_VS_EAGER_DB = 60.0
 # amplifies (compiled vs eager measured 42.8 dB, while the float UNet compiles to
 # 119 dB of eager): compiled output is held to eager's quality against float instead.
 MAX_COMPILED_QUALITY_LOSS_DB = 1.0
+
+
+class OpCounter(CustomGraphPass):
+    """A post-grad pass that counts the qcompile ops inductor compiles."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, graph: fx.Graph) -> None:
+        for node in graph.nodes:
+            if node.op == "call_function" and getattr(node.target, "namespace", "") == "qcompile":
+                self.counts[node.target._opname] += 1
+
+    def uuid(self):
+        return None  # never cached: it must see every compile
 
 
 def test_backend_is_found_by_name_without_importing_qcompile():
@@ -77,13 +93,15 @@ def test_fullgraph_compile_shares_quantization_and_compiles_once_over_sizes(fami
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, backend="qcompile", fullgraph=True, dynamic=True)
+    post_grad = OpCounter()  # the user's pass: the backend runs it after its own
     with (
         torch.no_grad(),
         torch._dynamo.config.patch(error_on_recompile=True),
         # a cached compile skips the passes (correctly); this test watches them run
         torch._inductor.config.patch(fx_graph_cache=False),
         torch._functorch.config.patch(enable_autograd_cache=False),
-        caplog.at_level(logging.INFO, logger="qcompile.passes.share_quantize"),
+        torch._inductor.config.patch(post_grad_custom_post_pass=post_grad),
+        caplog.at_level(logging.INFO, logger="qcompile.passes"),
     ):
         for size in SIZES[family]:
             inputs = held_out(model, batch=2, **size)
@@ -96,6 +114,10 @@ def test_fullgraph_compile_shares_quantization_and_compiles_once_over_sizes(fami
     assert not counters["graph_break"]
     gemms, tensors = SHARED[family]
     assert f"{gemms - tensors} duplicate activation quantizations removed" in caplog.text
+    assert f"{tensors} activation quantizations handed to inductor" in caplog.text
+    # inductor's graph: every W8A8 GEMM, and no quantize op (fused into its producer)
+    assert post_grad.counts["linear_int8_w8a8"] == gemms
+    assert not any(name.startswith("quantize_act") for name in post_grad.counts)
 
 
 def test_reload_compiles_the_lowered_graph_on_first_call_when_asked(tmp_path):
