@@ -154,3 +154,21 @@ def test_compile_defaults_to_cuda_only():
     assert not runtime_of(model)._compiled  # CPU inputs: the graph runs uncompiled
     with pytest.raises(qcompile.QCompileError, match="compile must be"):
         qcompile.QCompileConfig("int8-wo", compile="yes")
+
+
+def test_compile_modes_reach_inductor_through_the_backend():
+    build, held_out = HELD_OUT["sd3"]
+    model = qcompile.quantize(build(), "int8-dynamic")
+    inputs = held_out(model)
+    torch._dynamo.reset()
+    mode = "max-autotune-no-cudagraphs"
+    compiled = torch.compile(model, backend="qcompile", fullgraph=True, mode=mode)
+    with torch.no_grad():
+        want = model(**inputs, return_dict=False)[0]
+        got = compiled(**inputs, return_dict=False)[0]
+    assert qcompile.sqnr(want, got) > MIN_SQNR_COMPILED_VS_EAGER_DB
+    with pytest.raises(Exception, match="no_such_option"):  # options are inductor's config
+        torch._dynamo.reset()
+        bad = torch.compile(model, backend="qcompile", options={"no_such_option": 1})
+        with torch.no_grad():
+            bad(**inputs, return_dict=False)
