@@ -32,20 +32,9 @@ from collections.abc import Callable
 import torch
 
 import qcompile
+from benchmarks.configs import FLUX_DEV
 from benchmarks.results import write_results
 
-FLUX_DEV = dict(  # FLUX.1-dev's transformer/config.json
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
 RECIPES = ("fp8-dynamic", "int8-dynamic", "int8-wo", "int4-wo", "svdq-w4a16", "nvfp4")
 SMOKE_RECIPES = ("int8-dynamic",)
 TARGET_SPEEDUP = 1.7

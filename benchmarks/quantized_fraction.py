@@ -16,6 +16,7 @@ import argparse
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
+from benchmarks.configs import FLUX_DEV
 from benchmarks.results import write_results
 from qcompile import tiny
 from qcompile.api import select_linears
@@ -23,18 +24,7 @@ from qcompile.recipes import resolve_recipe
 from qcompile.svdquant import empty_layer
 
 FULL = {
-    "flux": lambda: FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=19,
-        num_single_layers=38,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    ),
+    "flux": lambda: FluxTransformer2DModel(**FLUX_DEV),
     "sd3": lambda: SD3Transformer2DModel(
         sample_size=128,
         patch_size=2,

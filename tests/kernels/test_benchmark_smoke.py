@@ -16,17 +16,26 @@ ROWS = {"bf16", "scaled_mm", "scaled_mm_row", "fp8_gemm", "fp8_w8a8", "int8_w8a8
         "int4_w4a16", "mxfp4_w4a16", "svdq_w4a4", "svdq_nvfp4"}  # fmt: skip
 
 
-def test_kernel_benchmark_smoke_run_writes_every_row(tmp_path):
-    out = tmp_path / "kernels.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.kernels", "--smoke", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
+
+
+def _smoke_payload(module: str, out: Path) -> dict:
+    """Run `module --smoke`; its JSON, checked for what every smoke run writes."""
+    done = _run(module, "--smoke", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "smoke run" in done.stdout
     payload = json.loads(out.read_text())
     assert payload["mode"].startswith("smoke") and payload["targets"] is None
     assert {"torch", "device", "date", "command"} <= set(payload["meta"])
+    return payload
+
+
+def test_kernel_benchmark_smoke_run_writes_every_row(tmp_path):
+    payload = _smoke_payload("kernels", tmp_path / "kernels.json")
     for result in payload["results"]:
         measured = {name for name, row in result["rows"].items() if row is not None}
         # _scaled_mm may be missing on a CPU build; every qcompile op must run
@@ -38,40 +47,19 @@ def test_kernel_benchmark_smoke_run_writes_every_row(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU it runs the benchmark")
-def test_kernel_benchmark_refuses_to_run_without_a_gpu_unless_smoke():
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.kernels"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+@pytest.mark.parametrize("module", ["kernels", "e2e"])
+def test_benchmarks_refuse_to_run_without_a_gpu_unless_smoke(module):
+    done = _run(module)
     assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr
 
 
 def test_e2e_benchmark_smoke_run_writes_every_row(tmp_path):
-    out = tmp_path / "e2e.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.e2e", "--smoke", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "smoke run" in done.stdout
-    payload = json.loads(out.read_text())
-    assert payload["mode"].startswith("smoke") and payload["targets"] is None
-    assert {"torch", "device", "date", "command"} <= set(payload["meta"])
-    rows = payload["rows"]
+    rows = _smoke_payload("e2e", tmp_path / "e2e.json")["rows"]
     assert set(rows) == {"bf16", "bf16+compile", "int8-dynamic+qcompile"}
     assert rows["bf16+compile"]["vs_bf16_compile"] == 1.0
     for row in rows.values():
         assert row["ms"] > 0 and len(row["ms_all"]) == 2 and row["weight_gib"] > 0
     assert rows["int8-dynamic+qcompile"]["weight_gib"] < rows["bf16"]["weight_gib"]
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU it runs the benchmark")
-def test_e2e_benchmark_refuses_to_run_without_a_gpu_unless_smoke():
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.e2e"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr
 
 
 def test_e2e_flux_builder_materialises_meta_weights_and_runs():
