@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -63,18 +64,27 @@ def test_e2e_benchmark_smoke_run_writes_every_row(tmp_path):
 
 
 def test_e2e_flux_builder_materialises_meta_weights_and_runs():
-    from benchmarks.e2e import flux_dev, flux_inputs
+    # in a subprocess from the repository root, where `benchmarks` is importable
+    code = textwrap.dedent("""
+        import torch
+        from benchmarks.e2e import flux_dev, flux_inputs
 
-    small = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
-                 guidance_embeds=True, axes_dims_rope=(4, 6, 6))  # fmt: skip
-    model = flux_dev("cpu", torch.float32, config=small)
-    assert not any(t.is_meta for t in model.state_dict().values())
-    linear = model.transformer_blocks[0].attn.to_q
-    assert 0.01 < linear.weight.std() < 0.03 and not linear.bias.any()
-    norm_q = model.transformer_blocks[0].attn.norm_q.weight
-    assert torch.equal(norm_q, torch.ones_like(norm_q))
-    inputs = flux_inputs(model, image_tokens=16, text_tokens=8, device="cpu", dtype=torch.float32)
-    with torch.no_grad():
-        out = model(**inputs, return_dict=False)[0]
-    assert out.shape == (1, 16, 16) and torch.isfinite(out).all()
+        small = dict(in_channels=16, num_layers=1, num_single_layers=1,
+                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                     pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+        model = flux_dev("cpu", torch.float32, config=small)
+        assert not any(t.is_meta for t in model.state_dict().values())
+        linear = model.transformer_blocks[0].attn.to_q
+        assert 0.01 < linear.weight.std() < 0.03 and not linear.bias.any()
+        norm_q = model.transformer_blocks[0].attn.norm_q.weight
+        assert torch.equal(norm_q, torch.ones_like(norm_q))
+        inputs = flux_inputs(model, image_tokens=16, text_tokens=8, device="cpu",
+                             dtype=torch.float32)
+        with torch.no_grad():
+            out = model(**inputs, return_dict=False)[0]
+        assert out.shape == (1, 16, 16) and torch.isfinite(out).all()
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
