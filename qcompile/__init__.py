@@ -5,6 +5,7 @@ Public API (everything else is internal and may change):
     quantize(module, recipe, calibration=None, *, example_inputs=None,
              skip_nonfinite=False) -> module
     capture_calibration(pipe, module, prompts, ...) -> CalibrationSet
+    CALIBRATION_PROMPTS, load_prompts(path) — built-in prompts, prompt files
     save(module, dir), load(dir) -> ExportedProgram, dequantize(module)
     QCompileConfig — for from_pretrained(quantization_config=...) and pipelines
     Recipe, WeightSpec, ActivationSpec, LayerScheme, WeightFormat, ActivationFormat,
@@ -31,6 +32,7 @@ from qcompile.integrations.diffusers import QCompileQuantizer, register
 from qcompile.integrations.diffusers_config import QCompileConfig
 from qcompile.kernels import cuda as _cuda  # noqa: F401 - the ops' Triton kernels for CUDA
 from qcompile.metrics import sqnr, weight_bytes
+from qcompile.prompts import CALIBRATION_PROMPTS, load_prompts
 from qcompile.recipes import (
     ActivationFormat,
     ActivationMode,
@@ -59,8 +61,10 @@ __all__ = [  # noqa: RUF022 - grouped by concern
     "quantize",
     "runtime_of",
     # calibration
+    "CALIBRATION_PROMPTS",
     "CalibrationSet",
     "capture_calibration",
+    "load_prompts",
     # checkpoints and diffusers
     "QCompileConfig",
     "QCompileQuantizer",
