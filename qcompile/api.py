@@ -271,7 +271,7 @@ def _to(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
     floating inputs to it and outputs back (`GraphRuntime.io_dtype`)."""
     device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
     runtime = runtime_of(module)
-    from_pipeline = _called_by_pipeline_to(inspect.currentframe())
+    from_pipeline = dtype is not None and _called_by_pipeline_to(inspect.currentframe())
     if dtype is not None and dtype != module.dtype:
         if not from_pipeline or runtime is None:
             raise ValueError(
@@ -293,7 +293,7 @@ def _to(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
             dtype,
         )
         runtime.io_dtype = dtype
-    elif dtype is not None and from_pipeline and runtime is not None:
+    elif from_pipeline and runtime is not None:
         runtime.io_dtype = None  # the pipeline is back at the model's own dtype
     if device is None:
         return module

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.export.graph_signature import InputKind
 
+from qcompile.modules import is_lora_layer
 from qcompile.schemes import QUANTIZE_DYNAMIC, QUANTIZE_STATIC
 
 _X_IS_FIRST = (  # ops whose first argument is the 16-bit input; the weight comes second
@@ -71,15 +72,6 @@ def _quantize_input(x_q: fx.Node) -> fx.Node | None:
     if x_q.target in (QUANTIZE_STATIC, QUANTIZE_DYNAMIC):
         return x_q.args[0]
     return None
-
-
-def is_lora_layer(module: nn.Module) -> bool:
-    """A peft LoRA layer (wraps its `base_layer`; adapters in `lora_A` / `lora_B`)."""
-    return (
-        type(module).__module__.startswith("peft.")
-        and hasattr(module, "base_layer")
-        and hasattr(module, "lora_A")
-    )
 
 
 def unwrapped_structure(module: nn.Module) -> tuple[tuple, dict[str, nn.Module]]:
@@ -174,14 +166,14 @@ class Adapters:
         for fqn, layer in self.layers.items():
             key = _state_key(layer, scale)
             cached = self._cache.get(fqn)
-            if cached is not None and cached[0] == key:
+            if key is not None and cached is not None and cached[0] == key:
                 result[fqn] = cached[1]
                 continue
             branch = adapter_branch(layer, scale)
             if isinstance(branch, str):
                 return f"{fqn}: {branch}"
             if branch is not None:
-                self._cache[fqn] = (_state_key(layer, scale), branch)
+                self._cache[fqn] = (key, branch)
                 result[fqn] = branch
         return result
 

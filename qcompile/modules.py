@@ -12,6 +12,7 @@ adapters, layer counts) finds it. qcompile's own passes tell the two apart with
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -198,19 +199,26 @@ def _unmerge(layer) -> None:
         layer.merged_adapters.clear()
 
 
-def _is_lora_on_quantized(module: nn.Module | None) -> bool:
-    return type(module).__module__.startswith("peft.") and isinstance(
-        getattr(module, "base_layer", None), QuantizedLinear
+def is_lora_layer(module: nn.Module | None) -> bool:
+    """A peft LoRA layer (wraps its `base_layer`; adapters in `lora_A` / `lora_B`)."""
+    return (
+        type(module).__module__.startswith("peft.")
+        and hasattr(module, "base_layer")
+        and hasattr(module, "lora_A")
     )
 
 
-def adopt_lora_layers(model: nn.Module) -> None:
-    """`adopt_lora_layer` on every peft LoRA layer of `model` around a QuantizedLinear
+def _is_lora_on_quantized(module: nn.Module | None) -> bool:
+    return is_lora_layer(module) and isinstance(module.base_layer, QuantizedLinear)
+
+
+def adopt_lora_layers(layers: Iterable[nn.Module]) -> None:
+    """`adopt_lora_layer` on those of the peft LoRA `layers` around a QuantizedLinear
     (peft casts adapters again after loading their weights: the runtime calls this on
     the first forward after any module change)."""
-    for module in model.modules():
-        if _is_lora_on_quantized(module):
-            adopt_lora_layer(module)
+    for layer in layers:
+        if _is_lora_on_quantized(layer):
+            adopt_lora_layer(layer)
 
 
 _generation = 0  # bumped whenever any module anywhere registers a submodule

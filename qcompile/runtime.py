@@ -169,8 +169,7 @@ class GraphRuntime:
         """After a submodule registration: the graph runs on (LoRA layers around its
         linears ride as branches), or calls go eager until the modules are back."""
         structure, layers = unwrapped_structure(self.module)
-        if layers:
-            adopt_lora_layers(self.module)
+        adopt_lora_layers(layers.values())
         self._adapters = None
         if structure != self._structure:
             self._stale = STALE
