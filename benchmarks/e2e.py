@@ -5,7 +5,13 @@ A FLUX.1-dev-size transformer (its published config: 19 double and 38 single blo
 one forward step at 1024² (4096 image and 512 text tokens), batch 1. Rows:
     bf16                 eager
     bf16+compile         torch.compile (inductor), the baseline of every ratio
-    <recipe>+qcompile    qcompile.quantize, then torch.compile(backend="qcompile")
+    <recipe>+graph       qcompile.quantize, then the model's own call: the lowered
+                         graph (horizontal fusion on), compiled with the qcompile
+                         backend on its first call (the default on CUDA)
+    <recipe>+qcompile    qcompile.quantize, then torch.compile(model, backend="qcompile")
+                         (Dynamo traces the quantized modules' forward)
+    <first recipe>+graph-no-hfuse / -no-actfuse   the same graph without horizontal
+                         fusion / without activation-quantize fusion: each fusion's effect
     torchao-fp8-row      torchao float8 dynamic activation + weight, per row, + compile
                          (only when torchao is installed; otherwise the row says why)
 Per row: median step time over --iters timed steps (after warm-up, which includes the
@@ -187,6 +193,18 @@ def run(args) -> dict:
 
         return make
 
+    def graph_row(recipe, horizontal_fusion=True, fuse_activation_quant=True):
+        def make():
+            from qcompile import backend
+
+            model = qcompile.quantize(build(), recipe)
+            runtime = qcompile.runtime_of(model)
+            runtime.compile, runtime.horizontal_fusion = True, horizontal_fusion
+            backend.FUSE_ACTIVATION_QUANT = fuse_activation_quant
+            return model, model, ""
+
+        return make
+
     def torchao_row():
         model, reason = torchao_fp8_row(build())
         if model is None:
@@ -195,15 +213,26 @@ def run(args) -> dict:
 
     measure("bf16", eager)
     measure("bf16+compile", compiled)
+    from qcompile import backend
+
     for recipe in args.recipes:
+        measure(f"{recipe}+graph", graph_row(recipe))
         measure(f"{recipe}+qcompile", recipe_row(recipe))
+    first = args.recipes[0]
+    measure(f"{first}+graph-no-hfuse", graph_row(first, horizontal_fusion=False))
+    measure(f"{first}+graph-no-actfuse", graph_row(first, fuse_activation_quant=False))
+    backend.FUSE_ACTIVATION_QUANT = True
     if not smoke:
         measure("torchao-fp8-row", torchao_row)
     base = rows["bf16+compile"]["ms"]
     for row in rows.values():
         if "ms" in row:
             row["vs_bf16_compile"] = base / row["ms"]
-    ours = {k: v["vs_bf16_compile"] for k, v in rows.items() if k.endswith("+qcompile")}
+    ours = {
+        k: v["vs_bf16_compile"]
+        for k, v in rows.items()
+        if k.endswith(("+qcompile", "+graph")) and "ms" in v
+    }
     best = max(ours, key=ours.get) if ours else None
     torchao = rows.get("torchao-fp8-row", {}).get("vs_bf16_compile")
     targets = None
@@ -226,14 +255,14 @@ def run(args) -> dict:
 
 
 def table(payload: dict) -> str:
-    lines = [f"{'row':<24} {'ms':>9} {'vs bf16+compile':>16} {'peak GiB':>9} {'weights GiB':>11}"]
+    lines = [f"{'row':<30} {'ms':>9} {'vs bf16+compile':>16} {'peak GiB':>9} {'weights GiB':>11}"]
     for name, row in payload["rows"].items():
         if "ms" not in row:
-            lines.append(f"{name:<24} skipped: {row['skipped']}")
+            lines.append(f"{name:<30} skipped: {row['skipped']}")
             continue
         peak = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
         lines.append(
-            f"{name:<24} {row['ms']:>9.2f} {row['vs_bf16_compile']:>15.2f}x {peak:>9} "
+            f"{name:<30} {row['ms']:>9.2f} {row['vs_bf16_compile']:>15.2f}x {peak:>9} "
             f"{row['weight_gib']:>11.3f}"
         )
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """FX passes over an ExportedProgram; one transform per file, edited in place.
 
 Order: `annotate_linears` → (`observe_activations`) → `smooth` → `fold_lowrank` →
-`quantize_weights` → `lower_linears`.
+`quantize_weights` → `lower_linears`. On the runtime's graph module (not the saved
+program): `fuse_horizontal`. Under torch.compile (qcompile/backend.py):
+`share_quantize`, `fuse_act_quant`.
 """
 
 from qcompile.passes.annotate_linears import annotate_linears

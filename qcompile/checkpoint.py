@@ -33,6 +33,7 @@ from qcompile.atomic import atomic_directory
 from qcompile.errors import CheckpointError, QCompileError
 from qcompile.integrations.diffusers_config import PROGRAM_NAME, QCompileConfig
 from qcompile.pt2 import load_program, save_program
+from qcompile.row_groups import shares_storage
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,12 @@ def save(
         logger.warning("qcompile.save ignores %s", sorted(kwargs))
     if not is_main_process:
         return
-    tensors = {name: t.detach().contiguous() for name, t in module.state_dict().items()}
+    # A fused group's members are row views of one tensor (row_groups.py); safetensors
+    # refuses tensors that share storage, so those are written from their own copies.
+    tensors = {
+        name: t.detach().clone() if shares_storage(t) else t.detach().contiguous()
+        for name, t in module.state_dict().items()
+    }
     crcs = {name: tensor_crc32(t) for name, t in tensors.items()}
     existing = Path(save_directory) / README_NAME
     with atomic_directory(save_directory, owns=partial(_owned, variant=variant)) as staging:

@@ -18,7 +18,8 @@ replaced, an adapter on a layer the graph lacks) calls run the module's own forw
 which honours it, until the original modules are back. A call that needs autograd
 runs the forward too (the program holds no backward). `compile` runs the graph itself
 through torch.compile with the qcompile backend (on CUDA by default), compiled on
-its first call. Under torch.compile the
+its first call. Linears reading one activation run as one GEMM over storage the
+runtime concatenates once and the members view (`horizontal_fusion`; row_groups.py). Under torch.compile the
 module's forward is what Dynamo traces: the matcher is plain Python over the call,
 and the qcompile ops inside the forward are the same custom ops the program holds.
 """
@@ -39,6 +40,8 @@ from qcompile.capture import Capture
 from qcompile.lora_graph import Adapters, linear_sites, unwrapped_structure, with_branches
 from qcompile.matcher import CallMatcher
 from qcompile.modules import adopt_lora_layers, registration_generation
+from qcompile.passes.fuse_horizontal import find_groups, fuse_groups
+from qcompile.row_groups import RowStorage, slots_are_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,11 @@ class GraphRuntime:
             for spec in sig.input_specs
             if spec.kind is not InputKind.USER_INPUT
         ]
+        # Linears reading one activation run as one GEMM (passes/fuse_horizontal.py)
+        # over storage the runtime concatenates once (row_groups.py); False runs each
+        # linear alone.
+        self.horizontal_fusion = True
+        self._groups, self._row_storage = self._row_groups(program)
         self._device = _graph_device(program)
         self._graph_modules = {(self._device, ()): program.graph_module}
         self._constants: dict[torch.device, dict[str, torch.Tensor]] = {}
@@ -112,9 +120,10 @@ class GraphRuntime:
             return type(self.module).forward(self.module, *args, **kwargs)
         flat, device, return_dict, branches = routed
         self._record(GRAPH, "")
-        gm = self._graph_module(device, tuple(branches))
+        fused = self._fused_tensors(device)
+        gm = self._graph_module(device, tuple(branches), fused is not None)
         extra = [tensor for pair in branches.values() for tensor in pair]
-        inputs = (*self._state_tensors(device), *flat, *extra)
+        inputs = (*self._state_tensors(device), *flat, *extra, *(fused or ()))
         outputs = self._run(gm, device, inputs)
         result = pytree.tree_unflatten(list(outputs), self.program.call_spec.out_spec)
         if return_dict and self.output_type is not None:
@@ -232,16 +241,53 @@ class GraphRuntime:
             per_device[name] = self.program.constants[name].to(device)
         return per_device[name]
 
-    def _graph_module(self, device: torch.device, lora: tuple[str, ...] = ()):
-        """The graph for `device`, with LoRA branches after the linears `lora`."""
-        key = (device, lora)
+    def _graph_module(self, device: torch.device, lora: tuple[str, ...] = (), fused=False):
+        """The graph for `device`, with LoRA branches after the linears `lora`, and
+        with its row groups fused (taking their operands as its last inputs)."""
+        key = (device, lora) if not fused else (device, lora, "fused")
         if key not in self._graph_modules:
-            if lora:
+            if fused:
+                gm = fuse_groups(self._graph_module(device, lora), self._groups)
+            elif lora:
                 gm = with_branches(self._graph_module(device), self._sites, list(lora))
             else:
                 gm = _retarget(self.program.graph_module, self._device, device)
             self._graph_modules[key] = gm
         return self._graph_modules[key]
+
+    def _row_groups(self, program) -> tuple[list, list[RowStorage]]:
+        """The program's fusable linear groups and the storage holding each one's
+        concatenated operands (groups whose tensors are not plain buffers are left out)."""
+        targets = {
+            spec.arg.name: spec.target
+            for spec in program.graph_signature.input_specs
+            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER)
+        }
+        groups, storages = [], []
+        for group in find_groups(program.graph):
+            if not all(name in targets for names in group.operands for name in names):
+                continue
+            operands = [[self._slot(targets[name]) for name in names] for names in group.operands]
+            if slots_are_buffers(operands):
+                groups.append(group)
+                storages.append(RowStorage(operands))
+        return groups, storages
+
+    def _slot(self, target: str) -> tuple[nn.Module, str]:
+        owner_name, _, attr = target.rpartition(".")
+        return self.module.get_submodule(owner_name), attr
+
+    def _fused_tensors(self, device: torch.device) -> list[torch.Tensor] | None:
+        """Every group's operands on `device`, or None to run the graph unfused."""
+        if not self.horizontal_fusion or not self._row_storage:
+            return None
+        fused = []
+        for storage in self._row_storage:
+            tensors = storage.tensors(device)
+            if tensors is None:
+                return None
+            fused += tensors
+        return fused
 
 
 def _cast_floating(tree: Any, dtype: torch.dtype) -> Any:

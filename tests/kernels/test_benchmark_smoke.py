@@ -56,11 +56,15 @@ def test_benchmarks_refuse_to_run_without_a_gpu_unless_smoke(module):
 
 def test_e2e_benchmark_smoke_run_writes_every_row(tmp_path):
     rows = _smoke_payload("e2e", tmp_path / "e2e.json")["rows"]
-    assert set(rows) == {"bf16", "bf16+compile", "int8-dynamic+qcompile"}
+    recipe = "int8-dynamic"
+    ablations = {f"{recipe}+graph-no-hfuse", f"{recipe}+graph-no-actfuse"}
+    ours = {f"{recipe}+graph", f"{recipe}+qcompile"}
+    assert set(rows) == {"bf16", "bf16+compile"} | ours | ablations
     assert rows["bf16+compile"]["vs_bf16_compile"] == 1.0
     for row in rows.values():
         assert row["ms"] > 0 and len(row["ms_all"]) == 2 and row["weight_gib"] > 0
-    assert rows["int8-dynamic+qcompile"]["weight_gib"] < rows["bf16"]["weight_gib"]
+    for name in ours | ablations:
+        assert rows[name]["weight_gib"] < rows["bf16"]["weight_gib"]
 
 
 def test_e2e_flux_builder_materialises_meta_weights_and_runs():
