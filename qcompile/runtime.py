@@ -19,9 +19,10 @@ which honours it, until the original modules are back. A call that needs autogra
 runs the forward too (the program holds no backward). `compile` runs the graph itself
 through torch.compile with the qcompile backend (on CUDA by default), compiled on
 its first call. Linears reading one activation run as one GEMM over storage the
-runtime concatenates once and the members view (`horizontal_fusion`; row_groups.py). Under torch.compile the
-module's forward is what Dynamo traces: the matcher is plain Python over the call,
-and the qcompile ops inside the forward are the same custom ops the program holds.
+runtime concatenates once and the members view (`horizontal_fusion`; row_groups.py).
+Under torch.compile the module's forward is what Dynamo traces: the matcher is plain
+Python over the call, and the qcompile ops inside the forward are the same custom ops
+the program holds.
 """
 
 from __future__ import annotations

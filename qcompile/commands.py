@@ -1,0 +1,186 @@
+"""`qcompile quantize` and `qcompile bench`: a pipeline folder in, a quantized one out.
+
+`quantize` loads a diffusers pipeline (a local folder, or a Hub id when the Hub is
+reachable), captures calibration data when the recipe needs it, quantizes one
+component and saves the whole pipeline atomically: `DiffusionPipeline.from_pretrained`
+of the result (after `import qcompile`) gives the quantized pipeline back. `bench`
+times full pipeline calls of a saved pipeline, and of a reference one in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from qcompile.api import quantize
+from qcompile.atomic import atomic_directory
+from qcompile.calibration import capture_calibration
+from qcompile.errors import QCompileError
+from qcompile.metrics import weight_bytes
+from qcompile.prompts import CALIBRATION_PROMPTS, load_prompts
+from qcompile.recipes import resolve_recipe
+
+COMPONENTS = ("transformer", "unet")
+# `qcompile quantize` calibrates on the first 64 built-in prompts; `qcompile eval`
+# defaults to the ones after them, which calibration never saw.
+CALIBRATION_COUNT = 64
+
+
+def load_pipeline(source: str, dtype: torch.dtype, device: str | None = None):
+    """A diffusers pipeline from a folder (model_index.json) or a Hub id."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(source)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise QCompileError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json); pass the "
+            "folder `save_pretrained` wrote, or a Hub id such as black-forest-labs/FLUX.1-dev"
+        )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        where = "the folder" if path.exists() else "the Hub (offline, or a wrong id?)"
+        raise QCompileError(f"could not load the pipeline {source!r} from {where}: {exc}") from exc
+    return pipe.to(device) if device else pipe
+
+
+def component_of(pipe, name: str | None) -> tuple[str, torch.nn.Module]:
+    """The pipeline's denoiser: `name`, or its transformer / unet."""
+    names = [name] if name else [n for n in COMPONENTS if getattr(pipe, n, None) is not None]
+    module = getattr(pipe, names[0], None) if names else None
+    if module is None:
+        present = sorted(k for k, v in pipe.components.items() if isinstance(v, torch.nn.Module))
+        raise QCompileError(
+            f"{type(pipe).__name__} has no component {name or 'transformer or unet'!r}; "
+            f"its model components are {present}"
+        )
+    return names[0], module
+
+
+def pipeline_kwargs(size: int | None, steps: int) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"num_inference_steps": steps}
+    if size:
+        kwargs.update(height=size, width=size)
+    return kwargs
+
+
+@contextmanager
+def phase(bar: tqdm, name: str, seconds: dict[str, float]) -> Iterator[None]:
+    bar.set_description(f"qcompile: {name}")
+    start = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - start
+    bar.update()
+
+
+def quantize_pipeline(
+    source: str,
+    recipe: str,
+    out: str | Path,
+    *,
+    component: str | None = None,
+    prompts: str | Path | None = None,
+    num_prompts: int | None = None,
+    steps: int = 20,
+    size: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Load, calibrate if needed, quantize one component, save atomically; a summary."""
+    recipe_ = resolve_recipe(recipe)  # an unknown name fails before anything loads
+    texts = load_prompts(prompts) if prompts else list(CALIBRATION_PROMPTS[:CALIBRATION_COUNT])
+    texts = texts[:num_prompts] if num_prompts else texts
+    seconds: dict[str, float] = {}
+    phases = 4 if recipe_.needs_calibration else 3
+    with tqdm(total=phases, unit="phase", disable=None) as bar:
+        with phase(bar, "load", seconds):
+            pipe = load_pipeline(source, dtype, device)
+            name, module = component_of(pipe, component)
+        before = weight_bytes(module)
+        calibration = None
+        if recipe_.needs_calibration:
+            with phase(bar, "calibrate", seconds):
+                kwargs = pipeline_kwargs(size, steps)
+                steps_ = kwargs.pop("num_inference_steps")
+                calibration = capture_calibration(
+                    pipe, module, texts, num_inference_steps=steps_, **kwargs
+                )
+        with phase(bar, "quantize", seconds):
+            quantize(module, recipe_, calibration=calibration)
+        with phase(bar, "save", seconds), atomic_directory(out) as staging:
+            pipe.save_pretrained(staging)
+    state = module.qcompile_state
+    return {
+        "source": source,
+        "out": str(Path(out).absolute()),
+        "component": name,
+        "recipe": recipe_.name,
+        "calibration_prompts": len(texts) if calibration is not None else 0,
+        "linears_quantized": len(state.schemes),
+        "linears_total": state.linears_total,
+        "bytes_before": before,
+        "bytes_after": weight_bytes(module),
+        "seconds": seconds,
+    }
+
+
+def bench_pipeline(
+    source: str,
+    *,
+    reference: str | None = None,
+    prompt: str = CALIBRATION_PROMPTS[-1],
+    steps: int = 20,
+    size: int | None = None,
+    iters: int = 3,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Median seconds per pipeline call (after one warm-up call, which compiles), peak
+    GPU memory and the denoiser's weight bytes, for `source` and `reference`."""
+    if iters < 1:
+        raise QCompileError(f"--iters must be at least 1, got {iters}")
+    rows = {}
+    for label, path in (("quantized", source), ("reference", reference)):
+        if path is None:
+            continue
+        pipe = load_pipeline(path, dtype, device)
+        pipe.set_progress_bar_config(disable=True)
+        _, module = component_of(pipe, None)
+        call = dict(prompt=prompt, **pipeline_kwargs(size, steps))
+        cuda = pipe.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(iters + 1):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.no_grad():
+                pipe(**call, generator=torch.Generator().manual_seed(0), output_type="pt")
+            if cuda:
+                torch.cuda.synchronize()
+            if i:  # the first call warms up (and compiles)
+                times.append(time.perf_counter() - start)
+        rows[label] = {
+            "path": path,
+            "seconds": statistics.median(times),
+            "seconds_all": times,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "weight_bytes": weight_bytes(module),
+        }
+        del pipe, module
+    if "reference" in rows:
+        rows["quantized"]["speedup"] = rows["reference"]["seconds"] / rows["quantized"]["seconds"]
+    return {"steps": steps, "size": size, "iters": iters, "rows": rows}
+
+
+def format_rows(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,164 @@
+"""`qcompile quantize / inspect / eval / bench` end to end on an offline tiny pipeline
+folder, through the command line's entry point (and once through the console script)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image
+
+from qcompile.cli import main
+from qcompile.evaluation import GRID_HEADER
+
+# Tiny-Flux transformer output, int8-w8a8 calibrated on 2 prompts × 2 steps, on held-out
+# prompts at 64²: measured 48.1 dB (torch 2.13 CPU); floor 3 dB below for thread counts.
+EVAL_TRANSFORMER_SQNR_DB = 45.0
+# Each int8 layer alone on its float input: measured 36.4 dB at the worst (proj_out).
+EVAL_LAYER_SQNR_DB = 33.0
+RUN = ["--steps", "2", "--size", "64", "--dtype", "float32", "--device", "cpu"]
+
+
+def _table(text: str) -> dict[str, str]:
+    rows = [line.split("  ", 1) for line in text.strip().splitlines() if "  " in line]
+    return {k.strip(): v.strip() for k, v in rows}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A float tiny Flux pipeline folder, and its int8-w8a8 quantization by the CLI."""
+    from qcompile.tiny import tiny_flux_pipeline
+
+    root = tmp_path_factory.mktemp("cli")
+    tiny_flux_pipeline().save_pretrained(root / "float")
+    args = ["quantize", str(root / "float"), "--recipe", "int8-w8a8", "--num-prompts", "2"]
+    assert main([*args, "--out", str(root / "int8"), *RUN]) == 0
+    return root / "float", root / "int8"
+
+
+def test_quantize_calibrates_quantizes_and_saves_a_loadable_pipeline(folders, capsys):
+    from diffusers import DiffusionPipeline
+
+    import qcompile
+
+    _, quantized = folders
+    pipe = DiffusionPipeline.from_pretrained(quantized)
+    assert qcompile.runtime_of(pipe.transformer) is not None
+    assert pipe.transformer.qcompile_state.recipe.name == "int8-w8a8"
+    assert (quantized / "model_index.json").is_file()
+    assert not list(quantized.parent.glob(".int8.qcompile-tmp-*"))  # staging cleaned up
+
+
+def test_quantize_prints_what_it_did(tmp_path, folders, capsys):
+    source, _ = folders
+    out = tmp_path / "wo"
+    assert main(["quantize", str(source), "--recipe", "int8-wo", "--out", str(out), *RUN]) == 0
+    table = _table(capsys.readouterr().out)
+    assert table["saved"] == str(out) and table["component"] == "transformer"
+    assert table["calibration prompts"] == "0"  # weight-only: no calibration
+    assert table["linears quantized"] == "40 of 50"
+    assert "× smaller" in table["bytes after"]
+    assert {"seconds: load", "seconds: quantize", "seconds: save"} <= table.keys()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--recipe", "int2-wo"], "unknown recipe 'int2-wo'"),
+        (["--recipe", "int8-wo", "--component", "unet"], "has no component 'unet'"),
+        (["--recipe", "int8-w8a8", "--prompts", "missing.txt"], "missing.txt"),
+    ],
+)
+def test_quantize_refuses_bad_input_with_the_problem_named(folders, capsys, args, message):
+    source, _ = folders
+    assert main(["quantize", str(source), *args, *RUN]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_quantize_names_a_folder_that_is_not_a_pipeline(tmp_path, capsys):
+    assert main(["quantize", str(tmp_path), "--recipe", "int8-wo", *RUN]) == 2
+    assert "no model_index.json" in capsys.readouterr().err
+
+
+def test_inspect_reports_the_checkpoint(folders, capsys):
+    _, quantized = folders
+    assert main(["inspect", str(quantized)]) == 0
+    table = _table(capsys.readouterr().out)
+    assert table["recipe"] == "int8-w8a8"
+    assert table["linears quantized"] == "40 of 50"
+    assert table["activation quantizations"] == "26 for 40 GEMMs (6 shared)"
+    assert table["horizontal fusion"] == "20 linears in 6 GEMMs at run time"
+    assert "linear_int8_w8a8 40" in table["qcompile ops"]
+    assert table["transformer_blocks.0.attn.to_q"].split()[0] == "linear_int8_w8a8"
+
+    assert main(["inspect", str(quantized / "transformer"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    quantized_layers = [r for r in report["layers"] if r["scheme"] != "unquantized"]
+    assert len(quantized_layers) == report["linears_quantized"] == 40
+    assert all(r["bytes"] < r["bytes_unquantized"] for r in quantized_layers)
+    assert 0.5 < report["fraction_quantized"] < 1
+    assert report["bytes"] < report["bytes_unquantized"]
+
+
+def test_inspect_refuses_a_float_pipeline(folders, capsys):
+    source, _ = folders
+    assert main(["inspect", str(source)]) == 2
+    assert "no qcompile-quantized component" in capsys.readouterr().err
+
+
+def test_eval_writes_the_report_files(tmp_path, folders, capsys):
+    source, quantized = folders
+    out = tmp_path / "report"
+    args = ["eval", str(quantized), "--reference", str(source), "--num-prompts", "2"]
+    assert main([*args, "--out", str(out), *RUN]) == 0
+    table = _table(capsys.readouterr().out)
+    assert float(table["transformer SQNR (mean)"].split()[0]) > EVAL_TRANSFORMER_SQNR_DB
+    report = json.loads((out / "report.json").read_text())  # strict JSON
+    assert [row["prompt"] for row in report["prompts"]] == report_prompts(2)
+    for row in report["prompts"]:
+        assert row["transformer_sqnr_db"] > EVAL_TRANSFORMER_SQNR_DB
+        assert 0 < row["image_ssim"] <= 1 and row["image_psnr_db"] > 20
+    assert len(report["layers"]) == 40
+    assert min(r["sqnr_db"] for r in report["layers"]) > EVAL_LAYER_SQNR_DB
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (2 * 64, GRID_HEADER + 2 * 64)
+    chart = Image.open(out / "layers.png")
+    assert chart.size[0] > 400 and chart.size[1] > 400
+
+
+def report_prompts(count: int) -> list[str]:
+    from qcompile.commands import CALIBRATION_COUNT
+    from qcompile.prompts import CALIBRATION_PROMPTS
+
+    return list(CALIBRATION_PROMPTS[CALIBRATION_COUNT : CALIBRATION_COUNT + count])
+
+
+def test_eval_refuses_a_quantized_reference(folders, capsys):
+    _, quantized = folders
+    assert main(["eval", str(quantized), "--reference", str(quantized), *RUN]) == 2
+    assert "pass the float one" in capsys.readouterr().err
+
+
+def test_bench_times_both_pipelines_and_writes_json(tmp_path, folders, capsys):
+    source, quantized = folders
+    out = tmp_path / "bench.json"
+    args = ["bench", str(quantized), "--reference", str(source), "--iters", "1"]
+    assert main([*args, "--out", str(out), *RUN]) == 0
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    assert rows["quantized"]["weight_bytes"] < rows["reference"]["weight_bytes"]
+    assert rows["quantized"]["speedup"] == pytest.approx(
+        rows["reference"]["seconds"] / rows["quantized"]["seconds"]
+    )
+    assert "s/call" in _table(capsys.readouterr().out)["quantized"]
+
+
+def test_console_script_inspects(folders):
+    _, quantized = folders
+    exe = shutil.which("qcompile")
+    assert exe, "the qcompile console script is not installed (pip install -e .)"
+    done = subprocess.run([exe, "inspect", str(quantized), "--json"], capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["recipe"] == "int8-w8a8"
