@@ -327,13 +327,14 @@ def num_parameters(
 
 def attach_loaded(model: nn.Module, config, hf_quantizer, program_path: Path | None) -> None:
     """Finish a model diffusers loaded through QCompileQuantizer: program, runtime, state."""
-    from qcompile.pt2 import load_program
+    from qcompile.pt2 import check_program_fits, load_program
 
     family = detect_family(model)
     model.eval().requires_grad_(False)
     schemes = {n: m.scheme for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if program_path is not None:
         program = load_program(program_path)
+        check_program_fits(program, model, program_path)
         captured = Capture(
             program=program,
             signature=inspect.signature(model.forward),

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import struct
 import zlib
 from functools import partial
 from pathlib import Path
@@ -159,9 +160,30 @@ def _save_weights(
         shard = {name: tensors[name] for name in names}
         shard_crcs = json.dumps({name: crcs[name] for name in names}, separators=(",", ":"))
         save_file(shard, directory / filename, metadata={"format": "pt", CRC_KEY: shard_crcs})
+        _sort_metadata(directory / filename)
     if split.is_sharded:
         index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
         (directory / index_name(variant)).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, in place.
+
+    safetensors keeps metadata in a hash map whose order varies from run to run, so two
+    saves of identical tensors could differ in their header bytes; sorted, equal inputs
+    give bit-identical files. The header keeps its length (the same keys and values).
+    """
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(length)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        header = {"__metadata__": header.pop("__metadata__"), **header}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:  # not expected: the same content never grows
+            return
+        f.seek(8)
+        f.write(text.ljust(length))
 
 
 def weight_files(directory: Path, variant: str | None = None) -> dict[str, Path]:

@@ -10,6 +10,7 @@ back as meta tensors: the checkpoint's safetensors own the weights.
 
 from __future__ import annotations
 
+import threading
 import zipfile
 from pathlib import Path
 
@@ -19,10 +20,16 @@ from torch.export import ExportedProgram
 
 from qcompile.errors import CheckpointError
 
+# torch.export.save registers a process-wide pickler reducer for FakeTensor while it
+# runs, and two saves at once in one process fail ("Refusing to stomp on existing
+# FakeTensor reducer"): saves from several threads take turns.
+_SAVE_LOCK = threading.Lock()
+
 
 def save_program(program: ExportedProgram, path: Path) -> None:
     """Write a weightless program (its state_dict on meta) as a standard `.pt2`."""
-    torch.export.save(program, str(path))
+    with _SAVE_LOCK:
+        torch.export.save(program, str(path))
 
 
 def load_program(path: Path) -> ExportedProgram:
@@ -109,3 +116,32 @@ def _refuse_pickle(path: Path, fqn: str, payload) -> None:
             f"{path}: archive member for {fqn!r} is pickled; qcompile never unpickles on "
             "load. Re-save the checkpoint with qcompile.save."
         )
+
+
+def check_program_fits(program: ExportedProgram, model: nn.Module, path: Path) -> None:
+    """Refuse a program captured from another model: every parameter and buffer it reads
+    must exist in `model` with its shape (and, for packed integer/FP8 tensors, dtype)."""
+    from torch.export.graph_signature import InputKind
+
+    for spec in program.graph_signature.input_specs:
+        if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER):
+            continue
+        want = program.state_dict[spec.target]
+        owner, _, attr = spec.target.rpartition(".")
+        try:
+            have = getattr(model.get_submodule(owner), attr)
+        except AttributeError:
+            have = None
+        packed = not want.dtype.is_floating_point or want.element_size() == 1
+        if (
+            not isinstance(have, torch.Tensor)
+            or have.shape != want.shape
+            or (packed and have.dtype != want.dtype)
+        ):
+            found = "nothing" if have is None else f"{tuple(have.shape)} {have.dtype}"
+            raise CheckpointError(
+                f"{path} does not belong to this {type(model).__name__}: it reads "
+                f"{spec.target!r} as {tuple(want.shape)} {want.dtype}, the model has "
+                f"{found}. The folder mixes files from two checkpoints; re-save it, or "
+                "delete the .pt2 to re-capture the program from the model"
+            )
