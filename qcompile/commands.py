@@ -33,22 +33,55 @@ COMPONENTS = ("transformer", "unet")
 CALIBRATION_COUNT = 64
 
 
-def load_pipeline(source: str, dtype: torch.dtype, device: str | None = None):
-    """A diffusers pipeline from a folder (model_index.json) or a Hub id."""
+def load_pipeline(
+    source: str, dtype: torch.dtype, device: str | None = None, quantize: dict | None = None
+):
+    """A diffusers pipeline from a folder (model_index.json) or a Hub id; `quantize`
+    ({component: recipe}) quantizes those components while their weights load."""
     from diffusers import DiffusionPipeline
+    from diffusers.quantizers import PipelineQuantizationConfig
 
+    from qcompile.integrations.diffusers_config import QCompileConfig
+
+    kwargs = {}
+    if quantize:
+        mapping = {name: QCompileConfig(recipe) for name, recipe in quantize.items()}
+        kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping=mapping)
+    path = check_source(source)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        where = "the folder" if path.exists() else "the Hub (offline, or a wrong id?)"
+        raise QCompileError(f"could not load the pipeline {source!r} from {where}: {exc}") from exc
+    return pipe.to(device) if device else pipe
+
+
+def check_source(source: str) -> Path:
+    """`source` as a path; an existing folder must be a diffusers pipeline folder."""
     path = Path(source)
     if path.exists() and not (path / "model_index.json").is_file():
         raise QCompileError(
             f"{path} is not a diffusers pipeline folder (no model_index.json); pass the "
             "folder `save_pretrained` wrote, or a Hub id such as black-forest-labs/FLUX.1-dev"
         )
+    return path
+
+
+def denoiser_name(source: str, name: str | None) -> str:
+    """The component to quantize, read from the pipeline's model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    check_source(source)
+    if name:
+        return name
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        index = DiffusionPipeline.load_config(source)
     except (OSError, ValueError) as exc:
-        where = "the folder" if path.exists() else "the Hub (offline, or a wrong id?)"
-        raise QCompileError(f"could not load the pipeline {source!r} from {where}: {exc}") from exc
-    return pipe.to(device) if device else pipe
+        raise QCompileError(f"could not read the pipeline index of {source!r}: {exc}") from exc
+    for candidate in COMPONENTS:
+        if candidate in index:
+            return candidate
+    raise QCompileError(f"{source} has no transformer or unet component; pass --component")
 
 
 def component_of(pipe, name: str | None) -> tuple[str, torch.nn.Module]:
@@ -98,22 +131,29 @@ def quantize_pipeline(
     texts = load_prompts(prompts) if prompts else list(CALIBRATION_PROMPTS[:CALIBRATION_COUNT])
     texts = texts[:num_prompts] if num_prompts else texts
     seconds: dict[str, float] = {}
-    phases = 4 if recipe_.needs_calibration else 3
-    with tqdm(total=phases, unit="phase", disable=None) as bar:
-        with phase(bar, "load", seconds):
-            pipe = load_pipeline(source, dtype, device)
-            name, module = component_of(pipe, component)
-        before = weight_bytes(module)
-        calibration = None
-        if recipe_.needs_calibration:
+    # Without calibration the weights stream: each layer is quantized as it is read
+    # (quantize-on-load), so the float model is never whole in memory. Calibration runs
+    # the float pipeline, so that path loads it, calibrates, then quantizes.
+    stream = not recipe_.needs_calibration
+    with tqdm(total=3 if stream else 4, unit="phase", disable=None) as bar:
+        if stream:
+            name = denoiser_name(source, component)
+            with phase(bar, "load and quantize", seconds):
+                pipe = load_pipeline(source, dtype, device, quantize={name: recipe_.name})
+                name, module = component_of(pipe, name)
+            calibration = None
+        else:
+            with phase(bar, "load", seconds):
+                pipe = load_pipeline(source, dtype, device)
+                name, module = component_of(pipe, component)
             with phase(bar, "calibrate", seconds):
                 kwargs = pipeline_kwargs(size, steps)
                 steps_ = kwargs.pop("num_inference_steps")
                 calibration = capture_calibration(
                     pipe, module, texts, num_inference_steps=steps_, **kwargs
                 )
-        with phase(bar, "quantize", seconds):
-            quantize(module, recipe_, calibration=calibration)
+            with phase(bar, "quantize", seconds):
+                quantize(module, recipe_, calibration=calibration)
         with phase(bar, "save", seconds), atomic_directory(out) as staging:
             pipe.save_pretrained(staging)
     state = module.qcompile_state
@@ -125,10 +165,25 @@ def quantize_pipeline(
         "calibration_prompts": len(texts) if calibration is not None else 0,
         "linears_quantized": len(state.schemes),
         "linears_total": state.linears_total,
-        "bytes_before": before,
+        "bytes_before": float_bytes(module),
         "bytes_after": weight_bytes(module),
+        "streamed": stream,
         "seconds": seconds,
     }
+
+
+def float_bytes(module: torch.nn.Module) -> int:
+    """The bytes `module` would hold unquantized: each quantized linear as its float
+    weight [N, K] in the model's dtype, everything else as stored."""
+    from qcompile.modules import QuantizedLinear
+
+    total = weight_bytes(module)
+    size = torch.empty((), dtype=module.dtype).element_size()
+    for layer in module.modules():
+        if isinstance(layer, QuantizedLinear):
+            quantized = sum(t.numel() * t.element_size() for t in layer.quantized_tensors.values())
+            total += layer.in_features * layer.out_features * size - quantized
+    return total
 
 
 def bench_pipeline(
