@@ -4,7 +4,8 @@ Shapes are odd on purpose (K not a multiple of the group, single rows, all-zero 
 magnitudes span 1e-30 to 1e30, and the bounds are the formats' own: half a step for
 the integer formats, e4m3's relative spacing (or its subnormal step) for FP8. Packing
 is checked bitwise in both directions. Non-finite weights never reach these functions:
-`quantize_weights` refuses them (tested in tests/passes).
+`quantize_weights` refuses them (tested in tests/passes); NaN or Inf in an activation
+row stays in that row (dynamic activation quantization, last test).
 """
 
 from __future__ import annotations
@@ -103,3 +104,40 @@ def test_fp8_round_trip_is_within_e4m3_spacing(weight):
     s = scale.reshape(-1, 1)
     bound = torch.maximum(weight.abs() * E4M3_RELATIVE, s * E4M3_SUBNORMAL_STEP)
     assert torch.isfinite(back).all() and ((back - weight).abs() <= bound * 1.0001).all()
+
+
+@SETTINGS
+@given(
+    weight=weights(max_rows=6),
+    poison=st.lists(
+        st.tuples(st.integers(0, 5), st.sampled_from([float("nan"), float("inf"), -float("inf")])),
+        max_size=3,
+    ),
+    dtype=st.sampled_from([torch.int8, torch.float8_e4m3fn]),
+)
+def test_dynamic_activation_quantization_keeps_non_finite_values_to_their_rows(
+    weight, poison, dtype
+):
+    """A NaN or Inf in an activation row can only spoil that row: every other row
+    quantizes bitwise as it would alone, within its format's step."""
+    import qcompile  # noqa: F401 - defines torch.ops.qcompile
+
+    x = weight.clone()
+    bad = {row % x.shape[0] for row, _ in poison}
+    for row, value in poison:
+        x[row % x.shape[0], 0] = value
+    q, scale = torch.ops.qcompile.quantize_act_dynamic(x, dtype)
+    good = [r for r in range(x.shape[0]) if r not in bad]
+    if not good:
+        return
+    q_alone, scale_alone = torch.ops.qcompile.quantize_act_dynamic(x[good], dtype)
+    assert torch.equal(q[good].view(torch.int8), q_alone.view(torch.int8))
+    assert torch.equal(scale[good], scale_alone)
+    error = (q_alone.float() * scale_alone - x[good]).abs()
+    if dtype == torch.int8:
+        bound = scale_alone * (0.5 + SCALE_ROUNDING)
+    else:
+        bound = torch.maximum(x[good].abs() * E4M3_RELATIVE, scale_alone * E4M3_SUBNORMAL_STEP) * (
+            1 + SCALE_ROUNDING
+        )
+    assert (error <= bound).all()
