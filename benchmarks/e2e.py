@@ -176,6 +176,9 @@ def run(args) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
             "weight_gib": weight_bytes(model) / 2**30,
         }
+        runtime = qcompile.runtime_of(model)
+        if runtime is not None and runner is model:  # the graph rows: which path ran
+            rows[name]["calls"] = dict(runtime.calls)
         print(f"{name}: {rows[name]['ms']:.2f} ms (warm-up {warmup:.1f} s)", flush=True)
 
     def eager():
@@ -199,7 +202,11 @@ def run(args) -> dict:
 
             model = qcompile.quantize(build(), recipe)
             runtime = qcompile.runtime_of(model)
-            runtime.compile, runtime.horizontal_fusion = True, horizontal_fusion
+            # The smoke run compiles only the main graph row (inductor on the CPU is
+            # slow); the ablations there check the rows run, not their speed.
+            ablation = not (horizontal_fusion and fuse_activation_quant)
+            runtime.compile = not (smoke and ablation)
+            runtime.horizontal_fusion = horizontal_fusion
             backend.FUSE_ACTIVATION_QUANT = fuse_activation_quant
             return model, model, ""
 

@@ -126,7 +126,11 @@ def check_program_fits(program: ExportedProgram, model: nn.Module, path: Path) -
     for spec in program.graph_signature.input_specs:
         if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER):
             continue
-        want = program.state_dict[spec.target]
+        want = program.state_dict.get(spec.target)
+        if want is None:  # a non-persistent buffer: the program keeps it as a constant
+            want = program.constants.get(spec.target)
+        if want is None:
+            continue
         owner, _, attr = spec.target.rpartition(".")
         try:
             have = getattr(model.get_submodule(owner), attr)

@@ -65,6 +65,8 @@ def test_e2e_benchmark_smoke_run_writes_every_row(tmp_path):
         assert row["ms"] > 0 and len(row["ms_all"]) == 2 and row["weight_gib"] > 0
     for name in ours | ablations:
         assert rows[name]["weight_gib"] < rows["bf16"]["weight_gib"]
+    for name in {f"{recipe}+graph"} | ablations:  # every call on the lowered graph
+        assert rows[name]["calls"].get("eager", 0) == 0 and rows[name]["calls"]["graph"] > 0
 
 
 def test_e2e_flux_builder_materialises_meta_weights_and_runs():
