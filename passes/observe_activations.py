@@ -14,7 +14,7 @@ and {linear FQN: ActivationStats} for those and the smoothed ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -34,11 +34,25 @@ logger = logging.getLogger(__name__)
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule, stats: dict[fx.Node, ActivationStats]) -> None:
+    """Records the observed nodes' values. State on the meta device (an offloaded
+    model's weights) is read through `load` just before the first op that uses it; the
+    interpreter frees it after the last one."""
+
+    def __init__(
+        self,
+        module: fx.GraphModule,
+        stats: dict[fx.Node, ActivationStats],
+        lazy: dict[fx.Node, str],
+        load: Callable[[str, torch.Tensor], torch.Tensor] | None,
+    ) -> None:
         super().__init__(module)
-        self.stats = stats
+        self.stats, self.lazy, self.load = stats, lazy, load
 
     def run_node(self, n: fx.Node) -> Any:
+        for arg in n.all_input_nodes:
+            value = self.env.get(arg) if arg in self.lazy else None
+            if value is not None and value.is_meta:
+                self.env[arg] = self.load(self.lazy[arg], value)
         result = super().run_node(n)
         if n in self.stats:
             self.stats[n].update(result)
@@ -46,9 +60,16 @@ class _Recorder(fx.Interpreter):
 
 
 def observe_activations(
-    program: ExportedProgram, samples: Iterable[dict[str, Any]], matcher: Any
+    program: ExportedProgram,
+    samples: Iterable[dict[str, Any]],
+    matcher: Any,
+    load: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, ActivationStats]]:
-    """Observe every static-activation linear's input; return (scales, stats) by FQN."""
+    """Observe every static-activation linear's input; return (scales, stats) by FQN.
+
+    `load(fqn, meta_tensor)` reads state the program holds on the meta device (see
+    `qcompile.offload`), one op's worth at a time.
+    """
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in program.graph.nodes:
         scheme = node.meta.get(SCHEME)
@@ -59,7 +80,13 @@ def observe_activations(
     if not groups:
         return {}, {}
     stats = {x: ActivationStats() for x in groups}
-    recorder = _Recorder(program.graph_module, stats)
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    lazy = {
+        node: spec.target
+        for node, spec in zip(placeholders, program.graph_signature.input_specs, strict=False)
+        if load is not None and spec.kind in (InputKind.PARAMETER, InputKind.BUFFER)
+    }
+    recorder = _Recorder(program.graph_module, stats, lazy, load)
     state = [
         _state(program, spec)
         for spec in program.graph_signature.input_specs

@@ -13,6 +13,7 @@ added).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch.export import ExportedProgram
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from qcompile.errors import WeightError
 from qcompile.memory import release_freed_memory
 from qcompile.passes.meta import LINEAR_FQN, SCHEME
-from qcompile.program import state_tensor
+from qcompile.program import input_spec_of, state_tensor
 from qcompile.schemes import (
     INPUT_SCALE,
     LORA_DOWN,
@@ -36,12 +37,16 @@ logger = logging.getLogger(__name__)
 
 
 def quantize_weights(
-    program: ExportedProgram, input_scales: dict[str, torch.Tensor] | None = None
+    program: ExportedProgram,
+    input_scales: dict[str, torch.Tensor] | None = None,
+    load: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Pack every annotated linear's weight; return {linear FQN: packed tensors}.
 
     Linears with static activation scales also get `input_scale` from `input_scales`
-    (the calibrated scales, by linear FQN).
+    (the calibrated scales, by linear FQN). A weight on the meta device is read through
+    `load(fqn, meta_tensor)` (an offloaded model, see `qcompile.offload`) and dropped
+    once packed.
     """
     todo = {}
     for node in program.graph.nodes:
@@ -52,6 +57,8 @@ def quantize_weights(
         todo.items(), desc="qcompile: packing weights", unit="layer", disable=None
     ):
         weight = state_tensor(program, weight_node)
+        if weight.is_meta and load is not None:
+            weight = load(input_spec_of(program, weight_node).target, weight)
         if weight.is_meta:
             raise WeightError(f"{fqn}.weight is on the meta device; load real weights first")
         if not torch.isfinite(weight).all():

@@ -24,6 +24,15 @@ from qcompile.errors import CaptureError, NoLinearSelectedError, QCompileError, 
 from qcompile.families import ModelFamily, detect_family, keep_in_fp32_globs
 from qcompile.matcher import CallMatcher
 from qcompile.modules import QuantizedLinear, is_float_linear
+from qcompile.offload import (
+    Offloaded,
+    detach_offload,
+    finish_capture,
+    load_linear_weights,
+    materialize,
+    on_meta,
+    to_meta,
+)
 from qcompile.passes import (
     annotate_linears,
     fold_lowrank,
@@ -96,7 +105,9 @@ def quantize(
     if example_inputs is None and samples is not None and family is None:
         example_inputs = samples.samples[0]
     module.eval().requires_grad_(False)
-    captured = _capture(module, family, example_inputs)
+    offloaded = detach_offload(module)  # accelerate keeps the weights elsewhere
+    load = offloaded.load if offloaded is not None else None
+    captured = _capture(module, family, example_inputs, offloaded)
     # Built once (it unlifts the whole program): lowering leaves the user inputs and
     # torch.export's guards alone, so it serves observation and the runtime alike.
     matcher = CallMatcher(captured) if captured is not None and samples is not None else None
@@ -104,7 +115,7 @@ def quantize(
         reason = matcher.match((), dict(samples.samples[0]))
         if isinstance(reason, str):  # the pipeline calls differently than synthesized
             logger.info("capturing from the first calibration sample (%s)", reason)
-            captured = capture(module, samples.samples[0])
+            captured = _capture(module, None, samples.samples[0], offloaded)
             matcher = CallMatcher(captured)
     if captured is None:
         raise CaptureError(
@@ -117,14 +128,18 @@ def quantize(
     schemes = annotate_linears(program, recipe, excludes)
     input_scales = None
     if recipe.needs_calibration:
-        input_scales, stats = observe_activations(program, samples, matcher)
+        input_scales, stats = observe_activations(program, samples, matcher, load)
         if recipe.smooth is not None:
+            load_linear_weights(program, schemes, offloaded)
             smooth(program, stats, recipe.smooth)
     if recipe.rank:
+        load_linear_weights(program, schemes, offloaded)
         fold_lowrank(program)
-    packed = quantize_weights(program, input_scales)
+    packed = quantize_weights(program, input_scales, load)
     lower_linears(program, packed)
     _swap_linears(module, schemes, packed)
+    if offloaded is not None:
+        materialize(module, offloaded)  # biases, norms, embeddings: the rest is small
     attach(module, captured, recipe, schemes, family, matcher=matcher)
     return module
 
@@ -146,12 +161,21 @@ def _refuse_adapters(module: nn.Module) -> None:
 
 
 def _capture(
-    module: nn.Module, family: ModelFamily | None, example_inputs: dict[str, Any] | None
+    module: nn.Module,
+    family: ModelFamily | None,
+    example_inputs: dict[str, Any] | None,
+    offloaded: Offloaded | None = None,
 ) -> Capture | None:
+    if example_inputs is None and family is None:
+        return None
+    if offloaded is not None:  # captured on meta, then pointed at the execution device
+        with on_meta(module):
+            meta_inputs = to_meta(example_inputs) if example_inputs is not None else None
+            captured = _capture(module, family, meta_inputs)
+        finish_capture(captured.program, module, offloaded.device)
+        return captured
     if example_inputs is not None:
         return capture(module, example_inputs)
-    if family is None:
-        return None
     param = next(module.parameters())
     inputs = family.example_inputs(module, param.device, param.dtype)
     return capture(module, inputs, family.dynamic_shapes(inputs))

@@ -1,0 +1,179 @@
+"""Quantize a model whose weights accelerate offloads (disk or CPU, a `device_map`).
+
+accelerate keeps offloaded weights on the meta device and swaps them in around each
+submodule's forward (an `AlignDevicesHook` with a weights map). Such a model cannot be
+exported as it is (the hooks assign real tensors inside the trace), and loading it whole
+would defeat the offload. Instead qcompile takes the hooks off, captures the model on
+the meta device, points the program's device literals at the hooks' execution device,
+and reads each offloaded tensor from its weights map only when a pass needs it:
+observation loads one op's weight at a time and frees it after its last use, packing
+one linear at a time. What remains (biases, norms, embeddings) is loaded at the end,
+so the result is an ordinary in-memory quantized model on the execution device.
+Smoothing and low-rank folding rewrite the float weights of every quantized linear, so
+those recipes hold them in memory while they run (logged).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch._guards import detect_fake_mode
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+from torch.utils import _pytree as pytree
+
+logger = logging.getLogger(__name__)
+
+META = torch.device("meta")
+
+
+@dataclass
+class Offloaded:
+    """The weights maps of a model whose accelerate hooks were taken off."""
+
+    maps: dict[str, Any]  # FQN of each module whose hook offloaded it → its weights map
+    device: torch.device  # the hooks' execution device: where the quantized model lives
+    loads: int = field(default=0)  # tensors read so far (tests watch the streaming)
+
+    def load(self, fqn: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `fqn` (relative to the quantized module) from its weights map, on the
+        execution device; floating values take `like`'s dtype, as accelerate casts them."""
+        parts = fqn.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            weights = self.maps.get(".".join(parts[:cut]))
+            if weights is None:
+                continue
+            try:
+                value = weights[".".join(parts[cut:])]
+            except KeyError:
+                continue
+            self.loads += 1
+            if like is not None and value.is_floating_point():
+                value = value.to(like.dtype)
+            return value.to(self.device)
+        raise KeyError(f"{fqn} is on the meta device and no accelerate weights map holds it")
+
+
+def detach_offload(module: nn.Module) -> Offloaded | None:
+    """Take accelerate's hooks off `module` if they offload weights; their maps, or None.
+
+    A model with hooks that only place it on devices (a `device_map` without offload) is
+    left as it is: it captures and runs with them.
+    """
+    hooked = [(n, m) for n, m in module.named_modules() if hasattr(m, "_hf_hook")]
+    maps, devices = {}, set()
+    for name, sub in hooked:
+        for hook in getattr(sub._hf_hook, "hooks", (sub._hf_hook,)):  # a SequentialHook
+            if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
+                maps[name] = hook.weights_map
+                devices.add(torch.device(hook.execution_device))
+    if not maps:
+        return None
+    if len(devices) != 1:
+        raise ValueError(
+            f"{type(module).__name__} is offloaded to several execution devices "
+            f"{sorted(map(str, devices))}: offload it to one to quantize it"
+        )
+    for _, sub in hooked:  # what accelerate's remove_hook_from_module does, minus
+        sub.forward = sub._old_forward  # detach_hook, which would load every weight back
+        del sub._hf_hook, sub._old_forward
+    offloaded = Offloaded(maps, devices.pop())
+    logger.info(
+        "%s: accelerate offloads %d modules; quantizing from their weights maps on %s",
+        type(module).__name__,
+        len(maps),
+        offloaded.device,
+    )
+    return offloaded
+
+
+@contextlib.contextmanager
+def on_meta(module: nn.Module) -> Iterator[None]:
+    """Every parameter and buffer of `module` on the meta device for the duration."""
+    saved = []
+    for sub in module.modules():
+        for kind in (sub._parameters, sub._buffers):
+            for name, tensor in kind.items():
+                if tensor is not None and not tensor.is_meta:
+                    saved.append((kind, name, tensor))
+                    meta = tensor.to(META)
+                    kind[name] = nn.Parameter(meta, False) if kind is sub._parameters else meta
+    try:
+        yield
+    finally:
+        for kind, name, tensor in saved:
+            kind[name] = tensor
+
+
+def to_meta(value: Any) -> Any:
+    """`value` (a kwargs dict of a forward) with every tensor on the meta device."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(META), value)
+
+
+def finish_capture(program: ExportedProgram, module: nn.Module, device: torch.device) -> None:
+    """Make a program captured on meta read as if captured on `device`.
+
+    The graph's device literals (arange, zeros, asserts) name `device`; its state holds
+    the module's real tensors where there are any (the offloaded ones stay meta until a
+    pass loads them).
+    """
+    graph = program.graph_module
+    vals = [n.meta["val"] for n in graph.graph.nodes if n.op == "placeholder" and "val" in n.meta]
+    with detect_fake_mode(vals):  # the passes compute new nodes' values next to these
+
+        def move(fake: torch.Tensor) -> torch.Tensor:
+            return fake.to(device) if fake.device == META else fake
+
+        for node in graph.graph.nodes:
+            if node.op == "call_function" and node.kwargs.get("device") == META:
+                node.update_kwarg("device", device)
+            if "val" in node.meta:
+                node.meta["val"] = pytree.tree_map_only(torch.Tensor, move, node.meta["val"])
+    graph.recompile()
+    real = {n: t for n, t in _named_tensors(module) if not t.is_meta}
+    for spec in program.graph_signature.input_specs:
+        table = program.constants if spec.kind is InputKind.CONSTANT_TENSOR else None
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            table = program.state_dict
+        if table is not None and spec.target in real and table[spec.target].is_meta:
+            table[spec.target] = real[spec.target]
+
+
+def load_linear_weights(
+    program: ExportedProgram, fqns: Iterable[str], offloaded: Offloaded | None
+) -> None:
+    """Read the float weights of linears `fqns` into the program's state: smoothing and
+    low-rank folding rewrite them there."""
+    if offloaded is None:
+        return
+    loaded = 0
+    for fqn in fqns:
+        name = f"{fqn}.weight"
+        if program.state_dict[name].is_meta:
+            program.state_dict[name] = offloaded.load(name, program.state_dict[name])
+            loaded += program.state_dict[name].nbytes
+    if loaded:
+        logger.info("loaded %.1f MiB of offloaded weights to rewrite them", loaded / 2**20)
+
+
+def materialize(module: nn.Module, offloaded: Offloaded) -> None:
+    """Load every tensor of `module` still on the meta device from the weights maps."""
+    for name, sub in module.named_modules():
+        for kind in (sub._parameters, sub._buffers):
+            for attr, tensor in kind.items():
+                if tensor is not None and tensor.is_meta:
+                    value = offloaded.load(f"{name}.{attr}" if name else attr, tensor)
+                    if kind is sub._parameters:
+                        value = nn.Parameter(value, requires_grad=False)
+                    kind[attr] = value
+
+
+def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)

@@ -1,0 +1,116 @@
+"""Quantizing a model whose weights accelerate offloads: captured on the meta device,
+each weight read from accelerate's weights map when a pass needs it, and the result
+equal, bit for bit, to quantizing the same model in memory."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from accelerate import disk_offload
+from diffusers import FluxTransformer2DModel
+
+import qcompile
+from qcompile.api import select_linears
+from qcompile.offload import Offloaded
+from qcompile.recipes import resolve_recipe
+from qcompile.runtime import runtime_of
+from qcompile.tiny import tiny_flux_pipeline
+
+from .models import FAMILIES
+
+# static activation scales (observed), smoothing + low-rank (rewrite the weights), and a
+# weight-only recipe
+RECIPES = ["int8-w8a8", "svdq-w4a4", "int4-wo"]
+STREAMED = {"int8-w8a8", "int4-wo"}  # never more than one linear's weights alive at once
+
+
+@pytest.fixture
+def live_loads(monkeypatch):
+    """Watch the tensors `Offloaded.load` hands out: every load, and the most bytes of
+    the watched names (`seen["names"]`) alive at once."""
+    seen = {"names": set(), "live": 0, "peak": 0, "loads": 0}
+    load = Offloaded.load
+
+    def release(nbytes):
+        seen["live"] -= nbytes
+
+    def watched(self, fqn, like=None):
+        value = load(self, fqn, like)
+        seen["loads"] += 1
+        if fqn in seen["names"]:
+            seen["live"] += value.nbytes
+            seen["peak"] = max(seen["peak"], seen["live"])
+            weakref.finalize(value, release, value.nbytes)
+        return value
+
+    monkeypatch.setattr(Offloaded, "load", watched)
+    return seen
+
+
+def _call(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_disk_offloaded_model_quantizes_to_the_in_memory_result(recipe, tmp_path, live_loads):
+    build, held_out = FAMILIES["flux"]
+    reference, model = build(), build()
+    needs = qcompile.get_recipe(recipe).needs_calibration
+    calibration = [held_out(reference, batch=2, seed=s) for s in (3, 4)] if needs else None
+    selected = {f"{fqn}.weight" for fqn in select_linears(reference, resolve_recipe(recipe))}
+    live_loads["names"] = selected  # packed, then dropped: never part of the result
+    disk_offload(model, tmp_path / "offload", execution_device="cpu")
+    assert all(p.is_meta for p in model.parameters())
+    qcompile.quantize(reference, recipe, calibration=calibration)
+    qcompile.quantize(model, recipe, calibration=calibration)
+
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    want, got = reference.state_dict(), model.state_dict()
+    assert set(got) == set(want)
+    assert all(not t.is_meta and t.device.type == "cpu" for t in got.values())
+    assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    inputs = held_out(model)
+    assert torch.equal(_call(model, inputs), _call(reference, inputs))
+    assert runtime_of(model).last_path == "graph", runtime_of(model).last_reason
+
+    float_weights = build().state_dict()
+    sizes = [float_weights[name].nbytes for name in selected]
+    # observation reads each weight once per sample, packing once more
+    assert live_loads["loads"] > len(selected) * (1 + len(calibration or ()))
+    if recipe in STREAMED:
+        assert live_loads["peak"] == max(sizes)
+    else:  # smoothing rewrites every quantized linear's float weight: all are loaded
+        assert live_loads["peak"] == sum(sizes)
+
+
+def test_device_map_offloaded_pipeline_calibrates_quantizes_saves_and_reloads(tmp_path):
+    pipe = tiny_flux_pipeline()
+    pipe.transformer.save_pretrained(tmp_path / "float")
+    reference = FluxTransformer2DModel.from_pretrained(tmp_path / "float")
+    transformer = FluxTransformer2DModel.from_pretrained(
+        tmp_path / "float",
+        device_map="auto",
+        max_memory={"cpu": 10_000},  # nothing fits: every weight goes to the offload folder
+        offload_folder=tmp_path / "offload",
+    )
+    assert set(transformer.hf_device_map.values()) == {"disk"}
+    pipe.transformer = transformer
+    kwargs = {"num_inference_steps": 2, "height": 64, "width": 64}
+    calibration = qcompile.capture_calibration(pipe, transformer, ["a red cube", "fog"], **kwargs)
+    qcompile.quantize(transformer, "int8-w8a8", calibration=calibration)
+    qcompile.quantize(reference, "int8-w8a8", calibration=calibration)
+
+    def image():
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a red cube", output_type="pt", generator=generator, **kwargs).images
+
+    offloaded = image()
+    pipe.transformer = reference
+    assert torch.equal(image(), offloaded)
+    transformer.save_pretrained(tmp_path / "quantized")
+    reloaded = FluxTransformer2DModel.from_pretrained(tmp_path / "quantized")
+    inputs = FAMILIES["flux"][1](reloaded)
+    assert torch.equal(_call(reloaded, inputs), _call(reference, inputs))
