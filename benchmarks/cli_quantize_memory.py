@@ -1,6 +1,7 @@
 """Peak RSS of `qcompile quantize` on a pipeline far larger than the tiny ones (CPU).
 
-    python -m benchmarks.cli_quantize_memory [--layers 8] [--out benchmarks/results/...]
+    python -m benchmarks.cli_quantize_memory [--layers 8] [--dtype float32 bfloat16]
+        [--out benchmarks/results/...]
 
 Builds the tiny offline FluxPipeline with its transformer replaced by a Flux-shaped one
 of hidden 512 (float32, `--layers` single blocks and half as many double blocks; 270
@@ -8,8 +9,15 @@ MiB at 8), saves it, then in a fresh process each:
     load-float         DiffusionPipeline.from_pretrained only (the baseline)
     cli-int8-wo        `qcompile quantize --recipe int8-wo`: weights stream (each layer
                        quantized as it is read), then the pipeline is saved
-    in-memory-int8-wo  from_pretrained in float, then qcompile.quantize, then save: what
-                       a calibrated recipe has to do (the float model is whole)
+    in-memory-int8-wo  from_pretrained in float, then qcompile.quantize, then save
+    cli-int8-w8a8      `qcompile quantize --recipe int8-w8a8` (2 prompts, 2 steps, 64²):
+                       the float pipeline loads whole, calibrates, quantizes, saves
+    cli-int8-w8a8-low-memory
+                       the same with `--low-memory`: the transformer is built on meta and
+                       reads each submodule's weights from the shards as it runs;
+                       quantization packs one layer at a time
+each at every `--dtype` the pipeline is loaded in (the checkpoint is float32: at
+bfloat16 every float weight read is converted, so it is anonymous memory).
 Per mode: peak RSS (VmHWM: anonymous and file-backed pages, imports included;
 safetensors mmaps the checkpoint, so every page read counts), the RSS after imports,
 and the peak growth of anonymous memory after imports (RssAnon sampled every 0.5 ms:
@@ -20,6 +28,7 @@ transformer checkpoint's size.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -30,7 +39,7 @@ from pathlib import Path
 CHILD = textwrap.dedent("""
     import json, sys, threading, time
     import torch
-    mode, source, out = sys.argv[1:4]
+    mode, source, out, dtype = sys.argv[1:5]
 
     def status_kib(key):
         with open("/proc/self/status") as f:
@@ -44,12 +53,16 @@ CHILD = textwrap.dedent("""
     import qcompile, diffusers  # imports are not what is measured
     base_rss, base_anon = status_kib("VmRSS:"), status_kib("RssAnon:")
     thread = threading.Thread(target=sample); thread.start()
-    if mode == "cli-int8-wo":
+    if mode.startswith("cli-"):
         from qcompile.cli import main
-        main(["quantize", source, "--recipe", "int8-wo", "--dtype", "float32", "--out", out])
+        recipe = mode.split("-", 1)[1].removesuffix("-low-memory")
+        run = ["--num-prompts", "2", "--steps", "2", "--size", "64", "--device", "cpu"]
+        extra = ["--low-memory"] if mode.endswith("low-memory") else []
+        assert main(["quantize", source, "--recipe", recipe, "--dtype", dtype, "--out", out,
+                     *run, *extra]) == 0
     else:
         from diffusers import DiffusionPipeline
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=getattr(torch, dtype))
         if mode == "in-memory-int8-wo":
             qcompile.quantize(pipe.transformer, "int8-wo")
             pipe.save_pretrained(out)
@@ -58,6 +71,21 @@ CHILD = textwrap.dedent("""
                       "rss_after_imports_bytes": base_rss * 1024,
                       "peak_anon_growth_bytes": (peak_anon[0] - base_anon) * 1024}))
 """)
+
+
+MODES = (
+    "load-float",
+    "cli-int8-wo",
+    "in-memory-int8-wo",
+    "cli-int8-w8a8",
+    "cli-int8-w8a8-low-memory",
+)
+
+
+def _weights_bytes(folder: Path) -> int | None:
+    """The saved quantized transformer's safetensors bytes (None: nothing was saved)."""
+    files = list(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return sum(f.stat().st_size for f in files) or None
 
 
 def build_pipeline(folder: Path, layers: int) -> int:
@@ -88,36 +116,47 @@ def build_pipeline(folder: Path, layers: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--out", default="benchmarks/results/cli_quantize_memory_cpu.json")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "float"
         float_bytes = build_pipeline(source, args.layers)
-        for mode in ("load-float", "cli-int8-wo", "in-memory-int8-wo"):
-            out = Path(tmp) / mode
+        for dtype, mode in itertools.product(args.dtype, MODES):
+            out = Path(tmp) / f"{mode}-{dtype}"
             done = subprocess.run(
-                [sys.executable, "-c", CHILD, mode, str(source), str(out)],
+                [sys.executable, "-c", CHILD, mode, str(source), str(out), dtype],
                 capture_output=True,
                 text=True,
             )
             if done.returncode:
                 print(done.stderr, file=sys.stderr)
                 return 1
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row = {"dtype": dtype, **json.loads(done.stdout.strip().splitlines()[-1])}
+            row["quantized_transformer_bytes"] = _weights_bytes(out / "transformer")
             row["peak_rss_vs_float_checkpoint"] = row["peak_rss_bytes"] / float_bytes
             row["anon_growth_vs_float_checkpoint"] = row["peak_anon_growth_bytes"] / float_bytes
+            if row["quantized_transformer_bytes"]:
+                quantized = row["quantized_transformer_bytes"]
+                row["anon_growth_vs_quantized"] = row["peak_anon_growth_bytes"] / quantized
             rows.append(row)
     payload = {"layers": args.layers, "float_checkpoint_bytes": float_bytes, "rows": rows}
     from benchmarks.results import write_results
 
     write_results(args.out, payload)
     print(f"float transformer checkpoint: {float_bytes / 2**20:.1f} MiB")
-    print(f"{'mode':<18} {'peak RSS MiB':>12} {'after imports':>13} {'anon growth MiB':>15}")
+    header = f"{'mode':<26} {'dtype':<9} {'peak RSS':>9} {'imports':>8} {'anon growth':>11}"
+    print(header + f" {'quantized':>9}  (MiB)")
     for row in rows:
         peak, base = row["peak_rss_bytes"] / 2**20, row["rss_after_imports_bytes"] / 2**20
         anon = row["peak_anon_growth_bytes"] / 2**20
-        print(f"{row['mode']:<18} {peak:>12.1f} {base:>13.1f} {anon:>15.1f}")
+        quantized = row["quantized_transformer_bytes"]
+        quantized = f"{quantized / 2**20:.1f}" if quantized else "-"
+        print(
+            f"{row['mode']:<26} {row['dtype']:<9} {peak:>9.1f} {base:>8.1f} {anon:>11.1f}"
+            f" {quantized:>9}"
+        )
     return 0
 
 

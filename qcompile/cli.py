@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--prompts", default=None, help="calibration prompts: .txt or .tsv")
     q.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
     q.add_argument("--out", default=None, help="output folder (default: <model>-<recipe>)")
+    q.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="calibrate with the denoiser's weights read from disk one submodule at a time",
+    )
     run_options(q, steps=20)
 
     i = sub.add_parser("inspect", help="what a qcompile checkpoint holds")
@@ -106,6 +111,7 @@ def _run(args: argparse.Namespace) -> str:
             component=args.component,
             prompts=args.prompts,
             num_prompts=args.num_prompts,
+            low_memory=args.low_memory,
             **run,
         )
         ratio = summary["bytes_before"] / summary["bytes_after"]

@@ -34,10 +34,15 @@ CALIBRATION_COUNT = 64
 
 
 def load_pipeline(
-    source: str, dtype: torch.dtype, device: str | None = None, quantize: dict | None = None
+    source: str,
+    dtype: torch.dtype,
+    device: str | None = None,
+    quantize: dict | None = None,
+    components: dict | None = None,
 ):
     """A diffusers pipeline from a folder (model_index.json) or a Hub id; `quantize`
-    ({component: recipe}) quantizes those components while their weights load."""
+    ({component: recipe}) quantizes those components while their weights load;
+    `components` are given already built (and placed: they are not moved)."""
     from diffusers import DiffusionPipeline
     from diffusers.quantizers import PipelineQuantizationConfig
 
@@ -49,11 +54,36 @@ def load_pipeline(
         kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping=mapping)
     path = check_source(source)
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(
+            source, torch_dtype=dtype, **kwargs, **(components or {})
+        )
     except (OSError, ValueError) as exc:
         where = "the folder" if path.exists() else "the Hub (offline, or a wrong id?)"
         raise QCompileError(f"could not load the pipeline {source!r} from {where}: {exc}") from exc
-    return pipe.to(device) if device else pipe
+    for name, component in pipe.components.items():
+        if device and isinstance(component, torch.nn.Module) and name not in (components or {}):
+            component.to(device)
+    return pipe
+
+
+def load_streamed_denoiser(
+    source: str, component: str | None, dtype: torch.dtype, device: str | None
+) -> dict[str, torch.nn.Module]:
+    """{name: the pipeline's denoiser}, built on the meta device, its weights read from
+    the folder's shards one submodule at a time as it runs (see `qcompile.offload`)."""
+    import diffusers
+
+    from qcompile.offload import streamed_model
+
+    if not (Path(source) / "model_index.json").is_file():
+        raise QCompileError(
+            f"--low-memory reads the weights from a local pipeline folder; {source} is not "
+            "one (download the pipeline first, e.g. `hf download <id> --local-dir DIR`)"
+        )
+    name = denoiser_name(source, component)
+    _, class_name = diffusers.DiffusionPipeline.load_config(source)[name]
+    folder = Path(source) / name
+    return {name: streamed_model(getattr(diffusers, class_name), folder, dtype, device or "cpu")}
 
 
 def check_source(source: str) -> Path:
@@ -125,8 +155,16 @@ def quantize_pipeline(
     size: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device: str | None = None,
+    low_memory: bool = False,
 ) -> dict[str, Any]:
-    """Load, calibrate if needed, quantize one component, save atomically; a summary."""
+    """Load, calibrate if needed, quantize one component, save atomically; a summary.
+
+    `low_memory`: a calibrated recipe's denoiser is built on the meta device and reads
+    each submodule's float weights from the shards as it runs (accelerate hooks), and
+    quantization packs them one layer at a time: the float denoiser is never whole in
+    memory. Slower (every call re-reads the weights). Recipes without calibration always
+    stream.
+    """
     recipe_ = resolve_recipe(recipe)  # an unknown name fails before anything loads
     texts = load_prompts(prompts) if prompts else list(CALIBRATION_PROMPTS[:CALIBRATION_COUNT])
     texts = texts[:num_prompts] if num_prompts else texts
@@ -144,8 +182,11 @@ def quantize_pipeline(
             calibration = None
         else:
             with phase(bar, "load", seconds):
-                pipe = load_pipeline(source, dtype, device)
-                name, module = component_of(pipe, component)
+                given = {}
+                if low_memory:
+                    given = load_streamed_denoiser(source, component, dtype, device)
+                pipe = load_pipeline(source, dtype, device, components=given)
+                name, module = component_of(pipe, component or next(iter(given), None))
             with phase(bar, "calibrate", seconds):
                 kwargs = pipeline_kwargs(size, steps)
                 steps_ = kwargs.pop("num_inference_steps")
@@ -167,7 +208,7 @@ def quantize_pipeline(
         "linears_total": state.linears_total,
         "bytes_before": float_bytes(module),
         "bytes_after": weight_bytes(module),
-        "streamed": stream,
+        "streamed": stream or low_memory,
         "seconds": seconds,
     }
 

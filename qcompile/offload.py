@@ -16,17 +16,22 @@ those recipes hold them in memory while they run (logged).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
+
+from qcompile.errors import CheckpointError, QCompileError
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,12 @@ def detach_offload(module: nn.Module) -> Offloaded | None:
     maps, devices = {}, set()
     for name, sub in hooked:
         for hook in getattr(sub._hf_hook, "hooks", (sub._hf_hook,)):  # a SequentialHook
+            if type(hook).__name__ == "CpuOffload":
+                raise QCompileError(
+                    f"{type(module).__name__} has model CPU offload hooks (the pipeline's "
+                    "enable_model_cpu_offload): quantize it before enabling offload, or "
+                    "call pipe.remove_all_hooks() first"
+                )
             if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
                 maps[name] = hook.weights_map
                 devices.add(torch.device(hook.execution_device))
@@ -172,6 +183,67 @@ def materialize(module: nn.Module, offloaded: Offloaded) -> None:
                     if kind is sub._parameters:
                         value = nn.Parameter(value, requires_grad=False)
                     kind[attr] = value
+
+
+class ShardWeights(Mapping):
+    """A diffusers model folder's safetensors shards as {FQN: tensor}, each tensor read
+    from its (memory-mapped) shard only when asked for: accelerate's weights map for a
+    model built on the meta device, so no float copy of the whole model ever exists."""
+
+    def __init__(self, folder: Path) -> None:
+        index = next(iter(folder.glob("*.safetensors.index.json")), None)
+        if index is not None:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = {key: folder / file for key, file in weight_map.items()}
+        else:
+            shards = sorted(folder.glob("*.safetensors"))
+            if len(shards) != 1:
+                raise CheckpointError(
+                    f"{folder}: expected one .safetensors file or an index, found "
+                    f"{[p.name for p in shards]}"
+                )
+            with safe_open(shards[0], "pt") as handle:
+                self._files = dict.fromkeys(handle.keys(), shards[0])
+        self._handles: dict[Path, Any] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        path = self._files[key]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, "pt")
+        return self._handles[path].get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def streamed_model(cls: type, folder: Path, dtype: torch.dtype, device: str) -> nn.Module:
+    """A diffusers model of class `cls` from `folder`, built on the meta device with
+    accelerate hooks that read each submodule's weights from the shards as it runs.
+
+    Calibrating through it keeps one submodule's float weights in memory at a time, and
+    `qcompile.quantize` then packs it layer by layer (see `detach_offload`)."""
+    from accelerate import cpu_offload, init_empty_weights
+
+    weights = ShardWeights(folder)
+    with init_empty_weights():
+        model = cls.from_config(cls.load_config(folder))
+    model.register_to_config(_name_or_path=str(folder))  # as from_pretrained records it
+    model.to(dtype).eval()
+    for name, module in model.named_modules():  # as from_pretrained keeps them
+        if any(part in (cls._keep_in_fp32_modules or ()) for part in name.split(".")):
+            module.float()
+    missing = [k for k in model.state_dict() if k not in weights]
+    if missing:
+        raise CheckpointError(f"{folder}: the shards lack {missing[:8]}")
+    for key, buffer in model.named_buffers():  # persistent buffers: small, read now
+        if key in weights:
+            owner, _, attr = key.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = weights[key].to(buffer.dtype)
+    cpu_offload(model, execution_device=torch.device(device), state_dict=weights)
+    return model
 
 
 def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

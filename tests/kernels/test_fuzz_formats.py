@@ -12,15 +12,30 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from qcompile.kernels.reference import fp4, fp8, int4, int8
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: CI sees the same examples every run (a new one found locally is added
+# as an explicit case, not left to chance)
+SETTINGS = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 # float32 rounding in w / scale and q * scale, relative to the scale
 SCALE_ROUNDING = 1e-5
+
+
+def subnormal_slack(qmax: int) -> float:
+    """A subnormal scale (|w| below qmax·2^-126) is itself rounded to the subnormal
+    grid, an absolute error of up to 2^-150 that q·scale multiplies by |q| ≤ qmax."""
+    return qmax * 2.0**-150
+
+
 # e4m3: 3 mantissa bits, so round-to-nearest is within 2^-4 of the value; below the
 # normal range (2^-6) the spacing is the subnormal step 2^-9, in units of the scale.
 E4M3_RELATIVE, E4M3_SUBNORMAL_STEP = 2.0**-4, 2.0**-9
@@ -77,7 +92,7 @@ def test_int8_round_trip_is_within_half_a_step(weight):
     q, scale = int8.quantize_int8_per_channel(weight)
     assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
     back = int8.dequantize_int8_per_channel(q, scale)
-    bound = scale.reshape(-1, 1) * (0.5 + SCALE_ROUNDING)
+    bound = scale.reshape(-1, 1) * (0.5 + SCALE_ROUNDING) + subnormal_slack(127)
     assert torch.isfinite(back).all() and ((back - weight).abs() <= bound).all()
     zero_rows = (weight == 0).all(dim=1)
     assert (back[zero_rows] == 0).all()
@@ -85,6 +100,7 @@ def test_int8_round_trip_is_within_half_a_step(weight):
 
 @SETTINGS
 @given(weight=weights(), group=st.sampled_from([16, 32, 64]))
+@example(weight=torch.tensor([[2.2421e-44]]), group=16)  # a subnormal scale
 def test_int4_round_trip_pads_odd_k_and_is_within_half_a_step(weight, group):
     n, k = weight.shape
     packed, scale = int4.quantize_int4_per_group(weight, group)
@@ -93,7 +109,7 @@ def test_int4_round_trip_pads_odd_k_and_is_within_half_a_step(weight, group):
     back = int4.dequantize_int4_per_group(packed, scale, group, k)
     assert back.shape == (n, k)
     step = scale.repeat_interleave(group, dim=1)[:, :k]
-    assert ((back - weight).abs() <= step * (0.5 + SCALE_ROUNDING)).all()
+    assert ((back - weight).abs() <= step * (0.5 + SCALE_ROUNDING) + subnormal_slack(8)).all()
 
 
 @SETTINGS
@@ -135,7 +151,7 @@ def test_dynamic_activation_quantization_keeps_non_finite_values_to_their_rows(
     assert torch.equal(scale[good], scale_alone)
     error = (q_alone.float() * scale_alone - x[good]).abs()
     if dtype == torch.int8:
-        bound = scale_alone * (0.5 + SCALE_ROUNDING)
+        bound = scale_alone * (0.5 + SCALE_ROUNDING) + subnormal_slack(127)
     else:
         bound = torch.maximum(x[good].abs() * E4M3_RELATIVE, scale_alone * E4M3_SUBNORMAL_STEP) * (
             1 + SCALE_ROUNDING

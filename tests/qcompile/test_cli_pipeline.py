@@ -10,6 +10,7 @@ import subprocess
 import pytest
 from PIL import Image
 
+from qcompile.checkpoint import WEIGHTS_NAME
 from qcompile.cli import main
 from qcompile.evaluation import GRID_HEADER
 
@@ -49,6 +50,29 @@ def test_quantize_calibrates_quantizes_and_saves_a_loadable_pipeline(folders):
     assert pipe.transformer.qcompile_state.recipe.name == "int8-w8a8"
     assert (quantized / "model_index.json").is_file()
     assert not list(quantized.parent.glob(".int8.qcompile-tmp-*"))  # staging cleaned up
+
+
+def test_low_memory_quantize_writes_the_same_checkpoint(tmp_path, folders, monkeypatch):
+    """--low-memory calibrates through accelerate hooks that read each submodule's
+    weights from the shards, and packs layer by layer: the checkpoint is the same."""
+    from qcompile.offload import Offloaded
+
+    loads = []
+    load = Offloaded.load
+    monkeypatch.setattr(Offloaded, "load", lambda self, *a: loads.append(a[0]) or load(self, *a))
+    source, quantized = folders
+    args = ["quantize", str(source), "--recipe", "int8-w8a8", "--num-prompts", "2"]
+    assert main([*args, "--out", str(tmp_path / "low"), "--low-memory", *RUN]) == 0
+    assert "transformer_blocks.0.attn.to_q.weight" in loads  # packed from the shards
+    for name in (WEIGHTS_NAME, "config.json"):
+        want = (quantized / "transformer" / name).read_bytes()
+        assert (tmp_path / "low" / "transformer" / name).read_bytes() == want
+
+
+def test_low_memory_needs_a_local_folder(capsys):
+    args = ["quantize", "org/not-downloaded", "--recipe", "int8-w8a8", "--low-memory", *RUN]
+    assert main(args) == 2
+    assert "--low-memory reads the weights from a local pipeline folder" in capsys.readouterr().err
 
 
 def test_quantize_prints_what_it_did(tmp_path, folders, capsys):

@@ -8,11 +8,12 @@ import weakref
 
 import pytest
 import torch
-from accelerate import disk_offload
+from accelerate import cpu_offload_with_hook, disk_offload
 from diffusers import FluxTransformer2DModel
 
 import qcompile
 from qcompile.api import select_linears
+from qcompile.errors import QCompileError
 from qcompile.offload import Offloaded
 from qcompile.recipes import resolve_recipe
 from qcompile.runtime import runtime_of
@@ -84,6 +85,12 @@ def test_disk_offloaded_model_quantizes_to_the_in_memory_result(recipe, tmp_path
         assert live_loads["peak"] == max(sizes)
     else:  # smoothing rewrites every quantized linear's float weight: all are loaded
         assert live_loads["peak"] == sum(sizes)
+
+
+def test_model_cpu_offload_hooks_are_refused_with_the_fix():
+    model, _ = cpu_offload_with_hook(FAMILIES["flux"][0](), execution_device="cpu")
+    with pytest.raises(QCompileError, match="quantize it before enabling offload"):
+        qcompile.quantize(model, "int8-wo")
 
 
 def test_device_map_offloaded_pipeline_calibrates_quantizes_saves_and_reloads(tmp_path):
