@@ -1,7 +1,7 @@
 """Peak RSS of `qcompile quantize` on a pipeline far larger than the tiny ones (CPU).
 
     python -m benchmarks.cli_quantize_memory [--layers 8] [--dtype float32 bfloat16]
-        [--out benchmarks/results/...]
+        [--modes ...] [--out benchmarks/results/...]
 
 Builds the tiny offline FluxPipeline with its transformer replaced by a Flux-shaped one
 of hidden 512 (float32, `--layers` single blocks and half as many double blocks; 270
@@ -117,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--out", default="benchmarks/results/cli_quantize_memory_cpu.json")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "float"
         float_bytes = build_pipeline(source, args.layers)
-        for dtype, mode in itertools.product(args.dtype, MODES):
+        for dtype, mode in itertools.product(args.dtype, args.modes):
             out = Path(tmp) / f"{mode}-{dtype}"
             done = subprocess.run(
                 [sys.executable, "-c", CHILD, mode, str(source), str(out), dtype],

@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from qcompile.kernels.reference.act import qmax
 from qcompile.kernels.reference.common import absmax_scale
+from qcompile.memory import release_freed_memory
 from qcompile.passes.meta import LINEAR_FQN, SCHEME
 from qcompile.passes.observers import ActivationStats, observe_range
-from qcompile.recipes import ActivationMode
+from qcompile.recipes import ActivationMode, Observer
 from qcompile.schemes import activation_impl
 
 logger = logging.getLogger(__name__)
@@ -64,8 +65,12 @@ def observe_activations(
     samples: Iterable[dict[str, Any]],
     matcher: Any,
     load: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    keep_rows: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, ActivationStats]]:
     """Observe every static-activation linear's input; return (scales, stats) by FQN.
+
+    `keep_rows`: sample input rows for smoothing's alpha search (megabytes per observed
+    tensor at a large model's widths; leave it off when no search runs).
 
     `load(fqn, meta_tensor)` reads state the program holds on the meta device (see
     `qcompile.offload`), one op's worth at a time.
@@ -79,7 +84,9 @@ def observe_activations(
             groups.setdefault(node.args[0], []).append(node)
     if not groups:
         return {}, {}
-    stats = {x: ActivationStats() for x in groups}
+    stats = {
+        x: ActivationStats(_needs_values(consumers), keep_rows) for x, consumers in groups.items()
+    }
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     lazy = {
         node: spec.target
@@ -106,6 +113,7 @@ def observe_activations(
         with torch.no_grad():
             recorder.run(*state, *flat)
         used += 1
+        release_freed_memory()  # the sample's activations (and loaded weights) are freed
     for index, reason in skipped[:3]:
         logger.warning(
             "calibration sample %d does not fit the capture (%s); skipped", index, reason
@@ -138,6 +146,15 @@ def observe_activations(
         used,
     )
     return scales, by_fqn
+
+
+def _needs_values(consumers: list[fx.Node]) -> bool:
+    """Whether a static consumer's observer (MSE) reads the value reservoir."""
+    return any(
+        c.meta[SCHEME].activation.mode is ActivationMode.STATIC
+        and c.meta[SCHEME].activation.observer is Observer.MSE
+        for c in consumers
+    )
 
 
 def _state(program: ExportedProgram, spec) -> torch.Tensor:

@@ -30,7 +30,12 @@ MSE_RATIOS = torch.linspace(0.2, 1.0, 81)
 
 
 class ActivationStats:
-    def __init__(self) -> None:
+    """Running statistics of one tensor. The value reservoir (the MSE observer's) and
+    the row reservoir (smoothing's alpha search) are kept only when asked for: at a
+    large model's widths they are megabytes per observed tensor."""
+
+    def __init__(self, values: bool = True, rows: bool = True) -> None:
+        self.keep_values, self.keep_rows = values, rows
         self.channel_absmax: torch.Tensor | None = None
         self.hist = torch.zeros(BINS, dtype=torch.float64)
         self.range = 0.0  # histogram covers [0, range]
@@ -56,14 +61,16 @@ class ActivationStats:
         take = torch.randint(
             flat.numel(), (min(flat.numel(), PER_BATCH_SAMPLE),), generator=self._gen
         )
-        self.reservoir = torch.cat([self.reservoir, flat[take]])
+        if self.keep_values:  # (the draws above happen either way: same rows picked)
+            self.reservoir = torch.cat([self.reservoir, flat[take]])
         if self.reservoir.numel() > 2 * RESERVOIR:  # amortized: one downsample per doubling
             keep = torch.randperm(self.reservoir.numel(), generator=self._gen)[:RESERVOIR]
             self.reservoir = self.reservoir[keep]
         pick = torch.randint(
             rows.shape[0], (min(rows.shape[0], ROWS_PER_BATCH),), generator=self._gen
         )
-        self.rows = rows[pick] if self.rows.numel() == 0 else torch.cat([self.rows, rows[pick]])
+        if self.keep_rows:
+            self.rows = rows[pick] if not self.rows.numel() else torch.cat([self.rows, rows[pick]])
         if self.rows.shape[0] > 2 * ROW_RESERVOIR:
             keep = torch.randperm(self.rows.shape[0], generator=self._gen)[:ROW_RESERVOIR]
             self.rows = self.rows[keep]

@@ -128,7 +128,8 @@ def quantize(
     schemes = annotate_linears(program, recipe, excludes)
     input_scales = None
     if recipe.needs_calibration:
-        input_scales, stats = observe_activations(program, samples, matcher, load)
+        search = recipe.smooth is not None and bool(recipe.smooth.search)
+        input_scales, stats = observe_activations(program, samples, matcher, load, search)
         if recipe.smooth is not None:
             load_linear_weights(program, schemes, offloaded)
             smooth(program, stats, recipe.smooth)

@@ -32,10 +32,16 @@ from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 from qcompile.errors import CheckpointError, QCompileError
+from qcompile.memory import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
 META = torch.device("meta")
+# Freed weights stay on glibc's heap (see qcompile.memory): reading a tensor this large
+# first hands the previous ones' pages back. Measured with
+# benchmarks/cli_quantize_memory.py: --low-memory at float32 peaked at 427 MiB of
+# anonymous memory without it.
+TRIM_BYTES = 1 << 20
 
 
 @dataclass
@@ -49,6 +55,8 @@ class Offloaded:
     def load(self, fqn: str, like: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor `fqn` (relative to the quantized module) from its weights map, on the
         execution device; floating values take `like`'s dtype, as accelerate casts them."""
+        if like is not None and like.nbytes >= TRIM_BYTES:  # the last one is freed by now
+            release_freed_memory()
         parts = fqn.split(".")
         for cut in range(len(parts) - 1, -1, -1):
             weights = self.maps.get(".".join(parts[:cut]))
@@ -205,12 +213,17 @@ class ShardWeights(Mapping):
             with safe_open(shards[0], "pt") as handle:
                 self._files = dict.fromkeys(handle.keys(), shards[0])
         self._handles: dict[Path, Any] = {}
+        self._trim = False
 
     def __getitem__(self, key: str) -> torch.Tensor:
         path = self._files[key]
         if path not in self._handles:
             self._handles[path] = safe_open(path, "pt")
-        return self._handles[path].get_tensor(key)
+        if self._trim:  # accelerate dropped the last submodule's weights
+            release_freed_memory()
+        value = self._handles[path].get_tensor(key)
+        self._trim = value.nbytes >= TRIM_BYTES
+        return value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)

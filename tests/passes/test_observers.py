@@ -9,9 +9,9 @@ from qcompile.passes.observers import BINS, ActivationStats, channel_ranges, obs
 from qcompile.recipes import Observer
 
 
-def _outlier_stats():
+def _outlier_stats(**keep):
     gen = torch.Generator().manual_seed(0)
-    stats = ActivationStats()
+    stats = ActivationStats(**keep)
     for _ in range(4):
         x = torch.randn(8, 64, 96, generator=gen)
         x[..., 7] *= 50  # one outlier channel in 96, as diffusion activations have
@@ -71,3 +71,16 @@ def test_all_zero_activations_observe_zero():
     stats.update(torch.zeros(4, 8))
     for observer in Observer:
         assert observe_range(stats, observer, torch.int8, 99.0) == 0.0
+
+
+def test_reservoirs_are_kept_only_when_asked_and_change_nothing_else():
+    full, lean = _outlier_stats(), _outlier_stats(values=False, rows=False)
+    assert full.reservoir.numel() and full.rows.numel()
+    assert lean.reservoir.numel() == 0 and lean.rows.numel() == 0
+    assert torch.equal(lean.hist, full.hist)
+    assert torch.equal(lean.channel_absmax, full.channel_absmax)
+    rows_only = _outlier_stats(values=False)  # the same rows are sampled either way
+    assert torch.equal(rows_only.rows, full.rows)
+    for observer in (Observer.MIN_MAX, Observer.PERCENTILE, Observer.HISTOGRAM):
+        want = observe_range(full, observer, torch.int8, 99.9)
+        assert observe_range(lean, observer, torch.int8, 99.9) == want
