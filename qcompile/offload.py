@@ -225,6 +225,9 @@ class ShardWeights(Mapping):
         self._trim = value.nbytes >= TRIM_BYTES
         return value
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read it
+        return key in self._files
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
 

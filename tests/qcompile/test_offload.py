@@ -10,11 +10,12 @@ import pytest
 import torch
 from accelerate import cpu_offload_with_hook, disk_offload
 from diffusers import FluxTransformer2DModel
+from safetensors.torch import save_file
 
 import qcompile
 from qcompile.api import select_linears
-from qcompile.errors import QCompileError
-from qcompile.offload import Offloaded
+from qcompile.errors import CheckpointError, QCompileError
+from qcompile.offload import Offloaded, ShardWeights, streamed_model
 from qcompile.recipes import resolve_recipe
 from qcompile.runtime import runtime_of
 from qcompile.tiny import tiny_flux_pipeline
@@ -121,3 +122,30 @@ def test_device_map_offloaded_pipeline_calibrates_quantizes_saves_and_reloads(tm
     reloaded = FluxTransformer2DModel.from_pretrained(tmp_path / "quantized")
     inputs = FAMILIES["flux"][1](reloaded)
     assert torch.equal(_call(reloaded, inputs), _call(reference, inputs))
+
+
+def test_shard_weights_reads_diffusers_shards_lazily_and_refuses_ambiguous_folders(tmp_path):
+    model = FAMILIES["flux"][0]()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    weights = ShardWeights(tmp_path / "sharded")
+    state = model.state_dict()
+    assert set(weights) == set(state) and "not.a.tensor" not in weights
+    assert all(name in weights for name in state)
+    assert not weights._handles  # membership and listing read no tensor
+    name = "transformer_blocks.0.attn.to_q.weight"
+    assert torch.equal(weights[name], state[name])
+    (tmp_path / "two").mkdir()
+    for stem in ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16"):
+        (tmp_path / "two" / f"{stem}.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"expected one \.safetensors file or an index"):
+        ShardWeights(tmp_path / "two")
+
+
+def test_streamed_model_names_the_tensors_its_shards_lack(tmp_path):
+    model = FAMILIES["flux"][0]()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("proj_out")}
+    model.save_config(tmp_path)
+    save_file(state, tmp_path / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"the shards lack .*proj_out"):
+        streamed_model(type(model), tmp_path, torch.float32, "cpu")
