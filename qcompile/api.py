@@ -106,38 +106,43 @@ def quantize(
         example_inputs = samples.samples[0]
     module.eval().requires_grad_(False)
     offloaded = detach_offload(module)  # accelerate keeps the weights elsewhere
-    load = offloaded.load if offloaded is not None else None
-    captured = _capture(module, family, example_inputs, offloaded)
-    # Built once (it unlifts the whole program): lowering leaves the user inputs and
-    # torch.export's guards alone, so it serves observation and the runtime alike.
-    matcher = CallMatcher(captured) if captured is not None and samples is not None else None
-    if matcher is not None and example_inputs is None:
-        reason = matcher.match((), dict(samples.samples[0]))
-        if isinstance(reason, str):  # the pipeline calls differently than synthesized
-            logger.info("capturing from the first calibration sample (%s)", reason)
-            captured = _capture(module, None, samples.samples[0], offloaded)
-            matcher = CallMatcher(captured)
-    if captured is None:
-        raise CaptureError(
-            f"qcompile cannot synthesize inputs for {type(module).__name__}; pass "
-            "example_inputs={...} (the keyword arguments of one real forward call, "
-            "batch and token counts >= 2)"
-        )
-    program = captured.program
-    excludes = _excludes(module, family, recipe)
-    schemes = annotate_linears(program, recipe, excludes)
-    input_scales = None
-    if recipe.needs_calibration:
-        search = recipe.smooth is not None and bool(recipe.smooth.search)
-        input_scales, stats = observe_activations(program, samples, matcher, load, search)
-        if recipe.smooth is not None:
+    try:
+        load = offloaded.load if offloaded is not None else None
+        captured = _capture(module, family, example_inputs, offloaded)
+        # Built once (it unlifts the whole program): lowering leaves the user inputs and
+        # torch.export's guards alone, so it serves observation and the runtime alike.
+        matcher = CallMatcher(captured) if captured is not None and samples is not None else None
+        if matcher is not None and example_inputs is None:
+            reason = matcher.match((), dict(samples.samples[0]))
+            if isinstance(reason, str):  # the pipeline calls differently than synthesized
+                logger.info("capturing from the first calibration sample (%s)", reason)
+                captured = _capture(module, None, samples.samples[0], offloaded)
+                matcher = CallMatcher(captured)
+        if captured is None:
+            raise CaptureError(
+                f"qcompile cannot synthesize inputs for {type(module).__name__}; pass "
+                "example_inputs={...} (the keyword arguments of one real forward call, "
+                "batch and token counts >= 2)"
+            )
+        program = captured.program
+        excludes = _excludes(module, family, recipe)
+        schemes = annotate_linears(program, recipe, excludes)
+        input_scales = None
+        if recipe.needs_calibration:
+            search = recipe.smooth is not None and bool(recipe.smooth.search)
+            input_scales, stats = observe_activations(program, samples, matcher, load, search)
+            if recipe.smooth is not None:
+                load_linear_weights(program, schemes, offloaded)
+                smooth(program, stats, recipe.smooth)
+        if recipe.rank:
             load_linear_weights(program, schemes, offloaded)
-            smooth(program, stats, recipe.smooth)
-    if recipe.rank:
-        load_linear_weights(program, schemes, offloaded)
-        fold_lowrank(program)
-    packed = quantize_weights(program, input_scales, load)
-    lower_linears(program, packed)
+            fold_lowrank(program)
+        packed = quantize_weights(program, input_scales, load)
+        lower_linears(program, packed)
+    except BaseException:  # nothing swapped yet: the offloaded model is put back as it was
+        if offloaded is not None:
+            offloaded.restore()
+        raise
     _swap_linears(module, schemes, packed)
     if offloaded is not None:
         materialize(module, offloaded)  # biases, norms, embeddings: the rest is small

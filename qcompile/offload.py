@@ -50,7 +50,13 @@ class Offloaded:
 
     maps: dict[str, Any]  # FQN of each module whose hook offloaded it → its weights map
     device: torch.device  # the hooks' execution device: where the quantized model lives
+    hooks: list[tuple[nn.Module, Any, Any]]  # (module, hook, accelerate's forward wrapper)
     loads: int = field(default=0)  # tensors read so far (tests watch the streaming)
+
+    def restore(self) -> None:
+        """Put accelerate's hooks back (quantization failed before changing the model)."""
+        for sub, hook, wrapper in self.hooks:
+            sub._old_forward, sub._hf_hook, sub.forward = sub.forward, hook, wrapper
 
     def load(self, fqn: str, like: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor `fqn` (relative to the quantized module) from its weights map, on the
@@ -95,14 +101,15 @@ def detach_offload(module: nn.Module) -> Offloaded | None:
     if not maps:
         return None
     if len(devices) != 1:
-        raise ValueError(
+        raise QCompileError(
             f"{type(module).__name__} is offloaded to several execution devices "
             f"{sorted(map(str, devices))}: offload it to one to quantize it"
         )
+    hooks = [(sub, sub._hf_hook, sub.forward) for _, sub in hooked]
     for _, sub in hooked:  # what accelerate's remove_hook_from_module does, minus
         sub.forward = sub._old_forward  # detach_hook, which would load every weight back
         del sub._hf_hook, sub._old_forward
-    offloaded = Offloaded(maps, devices.pop())
+    offloaded = Offloaded(maps, devices.pop(), hooks)
     logger.info(
         "%s: accelerate offloads %d modules; quantizing from their weights maps on %s",
         type(module).__name__,

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import qcompile
 from qcompile.api import select_linears
-from qcompile.errors import CheckpointError, QCompileError
+from qcompile.errors import CheckpointError, NoLinearSelectedError, QCompileError
 from qcompile.offload import Offloaded, ShardWeights, streamed_model
 from qcompile.recipes import resolve_recipe
 from qcompile.runtime import runtime_of
@@ -86,6 +86,20 @@ def test_disk_offloaded_model_quantizes_to_the_in_memory_result(recipe, tmp_path
         assert live_loads["peak"] == max(sizes)
     else:  # smoothing rewrites every quantized linear's float weight: all are loaded
         assert live_loads["peak"] == sum(sizes)
+
+
+def test_a_failed_quantize_puts_the_offloaded_model_back(tmp_path):
+    build, held_out = FAMILIES["flux"]
+    reference, model = build(), build()
+    disk_offload(model, tmp_path / "offload", execution_device="cpu")
+    recipe = resolve_recipe("int8-wo").replace(include=("no_such_layer",))
+    with pytest.raises(NoLinearSelectedError):  # raised after the capture on meta
+        qcompile.quantize(model, recipe)
+    assert all(p.is_meta for p in model.parameters())  # still offloaded, hooks back
+    inputs = held_out(model)
+    assert torch.equal(_call(model, inputs), _call(reference, inputs))
+    qcompile.quantize(model, "int8-wo")  # and it quantizes after all
+    assert runtime_of(model) is not None
 
 
 def test_model_cpu_offload_hooks_are_refused_with_the_fix():
