@@ -60,8 +60,10 @@ def load_pipeline(
     except (OSError, ValueError) as exc:
         where = "the folder" if path.exists() else "the Hub (offline, or a wrong id?)"
         raise QCompileError(f"could not load the pipeline {source!r} from {where}: {exc}") from exc
-    for name, component in pipe.components.items():
-        if device and isinstance(component, torch.nn.Module) and name not in (components or {}):
+    if device and not components:
+        return pipe.to(device)
+    for name, component in pipe.components.items():  # the given ones stay where they are
+        if device and isinstance(component, torch.nn.Module) and name not in components:
             component.to(device)
     return pipe
 

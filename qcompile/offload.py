@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 
 from qcompile.errors import CheckpointError, QCompileError
 from qcompile.memory import release_freed_memory
+from qcompile.runtime import retarget_devices
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,21 @@ META = torch.device("meta")
 # benchmarks/cli_quantize_memory.py: --low-memory at float32 peaked at 427 MiB of
 # anonymous memory without it.
 TRIM_BYTES = 1 << 20
+_trim_due = False  # a large tensor was read since the last trim (one flag for all readers)
+
+
+def _trim_if_due(large_next: bool = False) -> None:
+    """Trim if a large tensor was read since the last trim, or one is about to be."""
+    global _trim_due
+    if _trim_due or large_next:
+        _trim_due = False
+        release_freed_memory()
+
+
+def _note_read(value: torch.Tensor) -> torch.Tensor:
+    global _trim_due
+    _trim_due = _trim_due or value.nbytes >= TRIM_BYTES
+    return value
 
 
 @dataclass
@@ -51,7 +67,6 @@ class Offloaded:
     maps: dict[str, Any]  # FQN of each module whose hook offloaded it → its weights map
     device: torch.device  # the hooks' execution device: where the quantized model lives
     hooks: list[tuple[nn.Module, Any, Any]]  # (module, hook, accelerate's forward wrapper)
-    loads: int = field(default=0)  # tensors read so far (tests watch the streaming)
 
     def restore(self) -> None:
         """Put accelerate's hooks back (quantization failed before changing the model)."""
@@ -61,8 +76,7 @@ class Offloaded:
     def load(self, fqn: str, like: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor `fqn` (relative to the quantized module) from its weights map, on the
         execution device; floating values take `like`'s dtype, as accelerate casts them."""
-        if like is not None and like.nbytes >= TRIM_BYTES:  # the last one is freed by now
-            release_freed_memory()
+        _trim_if_due(like is not None and like.nbytes >= TRIM_BYTES)
         parts = fqn.split(".")
         for cut in range(len(parts) - 1, -1, -1):
             weights = self.maps.get(".".join(parts[:cut]))
@@ -72,7 +86,7 @@ class Offloaded:
                 value = weights[".".join(parts[cut:])]
             except KeyError:
                 continue
-            self.loads += 1
+            _note_read(value)
             if like is not None and value.is_floating_point():
                 value = value.to(like.dtype)
             return value.to(self.device)
@@ -150,6 +164,7 @@ def finish_capture(program: ExportedProgram, module: nn.Module, device: torch.de
     pass loads them).
     """
     graph = program.graph_module
+    retarget_devices(graph, META, device)
     vals = [n.meta["val"] for n in graph.graph.nodes if n.op == "placeholder" and "val" in n.meta]
     with detect_fake_mode(vals):  # the passes compute new nodes' values next to these
 
@@ -157,16 +172,16 @@ def finish_capture(program: ExportedProgram, module: nn.Module, device: torch.de
             return fake.to(device) if fake.device == META else fake
 
         for node in graph.graph.nodes:
-            if node.op == "call_function" and node.kwargs.get("device") == META:
-                node.update_kwarg("device", device)
             if "val" in node.meta:
                 node.meta["val"] = pytree.tree_map_only(torch.Tensor, move, node.meta["val"])
-    graph.recompile()
     real = {n: t for n, t in _named_tensors(module) if not t.is_meta}
+    tables = {
+        InputKind.PARAMETER: program.state_dict,
+        InputKind.BUFFER: program.state_dict,
+        InputKind.CONSTANT_TENSOR: program.constants,
+    }
     for spec in program.graph_signature.input_specs:
-        table = program.constants if spec.kind is InputKind.CONSTANT_TENSOR else None
-        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
-            table = program.state_dict
+        table = tables.get(spec.kind)
         if table is not None and spec.target in real and table[spec.target].is_meta:
             table[spec.target] = real[spec.target]
 
@@ -220,17 +235,13 @@ class ShardWeights(Mapping):
             with safe_open(shards[0], "pt") as handle:
                 self._files = dict.fromkeys(handle.keys(), shards[0])
         self._handles: dict[Path, Any] = {}
-        self._trim = False
 
     def __getitem__(self, key: str) -> torch.Tensor:
         path = self._files[key]
         if path not in self._handles:
             self._handles[path] = safe_open(path, "pt")
-        if self._trim:  # accelerate dropped the last submodule's weights
-            release_freed_memory()
-        value = self._handles[path].get_tensor(key)
-        self._trim = value.nbytes >= TRIM_BYTES
-        return value
+        _trim_if_due()  # accelerate dropped the last submodule's weights by now
+        return _note_read(self._handles[path].get_tensor(key))
 
     def __contains__(self, key: object) -> bool:  # Mapping's default would read it
         return key in self._files

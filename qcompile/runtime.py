@@ -327,13 +327,18 @@ def _graph_device(program) -> torch.device:
 def _retarget(gm: torch.fx.GraphModule, old: torch.device, new: torch.device):
     """A copy of `gm` whose device literals (arange/zeros/_to_copy/asserts) say `new`."""
     gm = copy.deepcopy(gm)
+    retarget_devices(gm, old, new)
+    logger.info("graph retargeted from %s to %s", old, new)
+    return gm
+
+
+def retarget_devices(gm: torch.fx.GraphModule, old: torch.device, new: torch.device) -> None:
+    """Point `gm`'s device literals on `old`'s device type at `new`, in place."""
     for node in gm.graph.nodes:
         device = node.kwargs.get("device") if node.op == "call_function" else None
         if isinstance(device, torch.device) and device.type == old.type:
             node.update_kwarg("device", new)
     gm.recompile()
-    logger.info("graph retargeted from %s to %s", old, new)
-    return gm
 
 
 def runtime_of(module: nn.Module) -> GraphRuntime | None:
