@@ -29,8 +29,8 @@ from qcompile.schemes import (
     LORA_UP,
     SMOOTH,
     QuantizedWeight,
+    pack_weight,
     tensor_names,
-    weight_format_impl,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def quantize_weights(
                 f"{fqn}.weight contains NaN or Inf; fix the checkpoint or exclude the layer"
             )
         with torch.no_grad():
-            packed[fqn] = weight_format_impl(scheme.weight).quantize(weight, scheme.weight)
+            packed[fqn] = pack_weight(weight, scheme.weight)
         if INPUT_SCALE in tensor_names(scheme):
             if input_scales is None or fqn not in input_scales:
                 raise WeightError(

@@ -49,6 +49,9 @@ class WeightFormatImpl:
     dequantize: Callable[[QuantizedWeight, WeightSpec, int], torch.Tensor]
     op: Callable[..., torch.Tensor]  # torch.ops.qcompile.<op>.default
     static_args: Callable[[WeightSpec], tuple] = lambda spec: ()
+    # True when each weight row packs to its own rows of every output tensor (no scale
+    # over the whole tensor): `pack_weight` may then pack the rows in chunks.
+    rowwise: Callable[[WeightSpec], bool] = lambda spec: False
 
 
 _WEIGHT_FORMATS: dict[WeightFormat, WeightFormatImpl] = {}
@@ -63,6 +66,34 @@ def weight_format_impl(spec: WeightSpec) -> WeightFormatImpl:
         return _WEIGHT_FORMATS[spec.format]
     except KeyError:
         raise NotImplementedError(f"no implementation registered for {spec.format}") from None
+
+
+# Packing works in float32 with a few weight-sized temporaries (int8: about 14 bytes
+# per parameter at peak); row-wise formats pack at most this many float32 bytes of rows
+# at a time, so memory grows by the packed result plus one chunk, not by a multiple of
+# the largest linear.
+PACK_CHUNK_BYTES = 8 << 20
+
+
+def pack_weight(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
+    """Quantize and pack a float [N, K] weight; bitwise what `impl.quantize` returns."""
+    impl = weight_format_impl(spec)
+    n = weight.shape[0]
+    rows = max(1, PACK_CHUNK_BYTES // max(1, 4 * weight[0].numel()))
+    if n <= rows or weight.is_meta or not impl.rowwise(spec):
+        return impl.quantize(weight, spec)
+    out: QuantizedWeight = {}
+    for start in range(0, n, rows):
+        part = impl.quantize(weight[start : start + rows], spec)
+        for name, tensor in part.items():
+            if name not in out:
+                out[name] = tensor.new_empty((n, *tensor.shape[1:]))
+            out[name][start : start + tensor.shape[0]] = tensor
+    return out
+
+
+def _not_per_tensor(spec: WeightSpec) -> bool:
+    return spec.granularity is not Granularity.PER_TENSOR
 
 
 def _pair(
@@ -89,6 +120,7 @@ register_weight_format(
             t[WEIGHT], t[WEIGHT_SCALE]
         ),
         op=torch.ops.qcompile.linear_int8_wo.default,
+        rowwise=_not_per_tensor,
     ),
 )
 register_weight_format(
@@ -99,6 +131,7 @@ register_weight_format(
             t[WEIGHT], t[WEIGHT_SCALE]
         ),
         op=torch.ops.qcompile.linear_fp8_wo.default,
+        rowwise=_not_per_tensor,
     ),
 )
 register_weight_format(
@@ -110,6 +143,7 @@ register_weight_format(
         ),
         op=torch.ops.qcompile.linear_int4_wo.default,
         static_args=lambda spec: (spec.group_size,),
+        rowwise=_not_per_tensor,
     ),
 )
 
@@ -127,7 +161,9 @@ def _fp4(fmt: WeightFormat) -> WeightFormatImpl:
             t[WEIGHT], t[WEIGHT_SCALE], t.get(WEIGHT_GLOBAL_SCALE), fmt.value, spec.group_size, k
         )
 
-    return WeightFormatImpl(quantize, dequantize, op=LINEAR_W4A16)
+    # NVFP4's global scale comes from the whole tensor: it packs in one piece.
+    rowwise = fmt is WeightFormat.MXFP4
+    return WeightFormatImpl(quantize, dequantize, op=LINEAR_W4A16, rowwise=lambda spec: rowwise)
 
 
 LINEAR_W4A16 = torch.ops.qcompile.linear_w4a16.default

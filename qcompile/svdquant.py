@@ -24,6 +24,7 @@ from qcompile.schemes import (
     SMOOTH,
     QuantizedWeight,
     linear,
+    pack_weight,
     tensor_names,
     weight_format_impl,
 )
@@ -118,7 +119,7 @@ def empty_layer(
 
 def quantize_layer(parts: LayerParts, scheme: LayerScheme) -> QuantizedWeight:
     """Pack a split layer: {buffer name: tensor} as `QuantizedLinear` owns them."""
-    tensors = weight_format_impl(scheme.weight).quantize(parts.residual, scheme.weight)
+    tensors = pack_weight(parts.residual, scheme.weight)
     if parts.smooth is not None:
         tensors[SMOOTH] = parts.smooth
     if parts.down is not None:
