@@ -18,6 +18,7 @@ from typing import Any
 import sympy
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
@@ -177,10 +178,14 @@ def _user_input_values(program: ExportedProgram) -> list[Any]:
 def _output_type(
     module: nn.Module, example_inputs: dict[str, Any], has_return_dict: bool
 ) -> tuple[type | None, tuple[str, ...]]:
-    """The output class of a return_dict=True call (e.g. Transformer2DModelOutput)."""
+    """The output class of a return_dict=True call (e.g. Transformer2DModelOutput).
+
+    The call runs on fake tensors: a real one would compute a whole forward (and, on a
+    quantized model, dequantize each weight) only to learn a type."""
     if not has_return_dict:
         return None, ()
-    out = module(**example_inputs, return_dict=True)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = module(**example_inputs, return_dict=True)
     if isinstance(out, dict):  # diffusers BaseOutput is an OrderedDict dataclass
         return type(out), tuple(k for k, v in out.items() if v is not None)
     return None, ()
