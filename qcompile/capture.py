@@ -18,7 +18,11 @@ from typing import Any
 import sympy
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+)
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
@@ -181,10 +185,14 @@ def _output_type(
     """The output class of a return_dict=True call (e.g. Transformer2DModelOutput).
 
     The call runs on fake tensors: a real one would compute a whole forward (and, on a
-    quantized model, dequantize each weight) only to learn a type."""
+    quantized model, dequantize each weight) only to learn a type. A forward that reads
+    tensor values (`.item()`), which fake tensors cannot give, is called for real."""
     if not has_return_dict:
         return None, ()
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            out = module(**example_inputs, return_dict=True)
+    except (DataDependentOutputException, DynamicOutputShapeException):
         out = module(**example_inputs, return_dict=True)
     if isinstance(out, dict):  # diffusers BaseOutput is an OrderedDict dataclass
         return type(out), tuple(k for k, v in out.items() if v is not None)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
+from diffusers.utils import BaseOutput
 from torch import nn
 
 import qcompile
@@ -177,3 +180,31 @@ def test_keep_in_fp32_modules_are_left_unquantized(monkeypatch):
     kept = [n for n, m in model.named_modules() if n.endswith(".ff.net.2")]
     assert kept and all(is_float_linear(model.get_submodule(n)) for n in kept)
     assert isinstance(model.get_submodule("transformer_blocks.0.attn.to_q"), QuantizedLinear)
+
+
+@dataclass
+class _Output(BaseOutput):
+    sample: torch.Tensor | None = None
+
+
+class _Model(nn.Module):
+    """Counts forward passes computed on real tensors; `read_values` calls `.item()`."""
+
+    def __init__(self, read_values: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.read_values, self.real_calls = read_values, 0
+
+    def forward(self, x: torch.Tensor, return_dict: bool = True):
+        y = self.proj(x) * (x.abs().amax().item() if self.read_values else 1.0)
+        self.real_calls += type(y) is torch.Tensor  # computed, not fake or traced
+        return _Output(y) if return_dict else (y,)
+
+
+@pytest.mark.parametrize("read_values", [False, True])
+def test_capture_learns_the_output_class_without_a_real_forward_when_it_can(read_values):
+    model = _Model(read_values)
+    qcompile.quantize(model, "int8-wo", example_inputs={"x": torch.randn(4, 16)})
+    assert model.real_calls == (1 if read_values else 0)
+    out = model(torch.randn(3, 16))
+    assert isinstance(out, _Output) and out.sample.shape == (3, 16)
