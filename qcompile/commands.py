@@ -9,6 +9,7 @@ times full pipeline calls of a saved pipeline, and of a reference one in the sam
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Iterator
@@ -27,7 +28,12 @@ from qcompile.metrics import weight_bytes
 from qcompile.prompts import CALIBRATION_PROMPTS, load_prompts
 from qcompile.recipes import resolve_recipe
 
+logger = logging.getLogger(__name__)
+
 COMPONENTS = ("transformer", "unet")
+# Calibrating without --low-memory holds the float denoiser whole, and by the end the
+# quantized one besides (about half its size at int8): that many times its float bytes.
+WHOLE_MODEL_FACTOR = 1.5
 # `qcompile quantize` calibrates on the first 64 built-in prompts; `qcompile eval`
 # defaults to the ones after them, which calibration never saw.
 CALIBRATION_COUNT = 64
@@ -86,6 +92,37 @@ def load_streamed_denoiser(
     _, class_name = diffusers.DiffusionPipeline.load_config(source)[name]
     folder = Path(source) / name
     return {name: streamed_model(getattr(diffusers, class_name), folder, dtype, device or "cpu")}
+
+
+def warn_if_too_large(source: str, name: str, dtype: torch.dtype, device: str | None) -> None:
+    """Before a calibrated recipe loads the float denoiser whole: warn when it may not
+    fit the memory left on `device`, and name --low-memory (measured from the shards'
+    headers; a Hub id, or a folder without safetensors, is not checked)."""
+    from qcompile.errors import CheckpointError
+    from qcompile.offload import ShardWeights
+
+    try:
+        need = ShardWeights(Path(source) / name).loaded_bytes(dtype) * WHOLE_MODEL_FACTOR
+    except (CheckpointError, OSError):
+        return
+    where = torch.device(device or "cpu")
+    if where.type == "cuda":
+        free = torch.cuda.mem_get_info(where)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    if need > free:
+        logger.warning(
+            "calibrating the float %s whole needs about %.1f GiB (%s, with the quantized "
+            "copy) and %.1f GiB is free on %s: pass --low-memory to stream its weights from "
+            "the shards instead",
+            name,
+            need / 2**30,
+            str(dtype).removeprefix("torch."),
+            free / 2**30,
+            where,
+        )
 
 
 def check_source(source: str) -> Path:
@@ -187,6 +224,8 @@ def quantize_pipeline(
                 given = {}
                 if low_memory:
                     given = load_streamed_denoiser(source, component, dtype, device)
+                elif Path(source).is_dir():
+                    warn_if_too_large(source, denoiser_name(source, component), dtype, device)
                 pipe = load_pipeline(source, dtype, device, components=given)
                 name, module = component_of(pipe, component or next(iter(given), None))
             with phase(bar, "calibrate", seconds):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +252,23 @@ class ShardWeights(Mapping):
 
     def __len__(self) -> int:
         return len(self._files)
+
+    def loaded_bytes(self, dtype: torch.dtype) -> int:
+        """What the tensors take once read with floating ones cast to `dtype`, from the
+        shards' headers alone (nothing is read)."""
+        total = 0
+        for path in set(self._files.values()):
+            with safe_open(path, "pt") as handle:
+                names = handle.keys()  # a safetensors handle is not iterable
+                for key in names:
+                    part = handle.get_slice(key)
+                    kind = part.get_dtype()  # "F32", "BF16", "F8_E4M3", "I64", "BOOL", ...
+                    if kind.startswith(("F", "BF")):
+                        size = dtype.itemsize
+                    else:
+                        size = 1 if kind == "BOOL" else int(kind[1:]) // 8
+                    total += math.prod(part.get_shape()) * size
+        return total
 
 
 def streamed_model(cls: type, folder: Path, dtype: torch.dtype, device: str) -> nn.Module:

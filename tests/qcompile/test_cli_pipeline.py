@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from PIL import Image
 
 from qcompile.checkpoint import WEIGHTS_NAME
@@ -187,3 +188,20 @@ def test_console_script_inspects(folders):
     done = subprocess.run([exe, "inspect", str(quantized), "--json"], capture_output=True)
     assert done.returncode == 0, done.stderr.decode()
     assert json.loads(done.stdout)["recipe"] == "int8-w8a8"
+
+
+def test_quantize_warns_before_loading_a_denoiser_that_may_not_fit(folders, caplog, monkeypatch):
+    import psutil
+
+    from qcompile import commands
+
+    source, _ = folders
+    with caplog.at_level("WARNING", logger="qcompile.commands"):
+        commands.warn_if_too_large(str(source), "transformer", torch.float32, "cpu")
+        assert not caplog.records  # the tiny transformer fits this machine
+        free = psutil.virtual_memory()._replace(available=1 << 20)
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+        commands.warn_if_too_large(str(source), "transformer", torch.float32, "cpu")
+    (record,) = caplog.records
+    assert "float transformer whole needs about" in record.getMessage()
+    assert "0.0 GiB is free on cpu: pass --low-memory" in record.getMessage()

@@ -149,6 +149,13 @@ def test_shard_weights_reads_diffusers_shards_lazily_and_refuses_ambiguous_folde
     assert not weights._handles  # membership and listing read no tensor
     name = "transformer_blocks.0.attn.to_q.weight"
     assert torch.equal(weights[name], state[name])
+    state["step"] = torch.zeros(3, dtype=torch.int64)  # not floating: keeps its size
+    (tmp_path / "one").mkdir()
+    save_file(state, tmp_path / "one" / "diffusion_pytorch_model.safetensors")
+    for dtype in (torch.float32, torch.bfloat16):
+        want = sum((t.to(dtype) if t.is_floating_point() else t).nbytes for t in state.values())
+        assert ShardWeights(tmp_path / "one").loaded_bytes(dtype) == want
+        assert ShardWeights(tmp_path / "sharded").loaded_bytes(dtype) == want - 3 * 8
     (tmp_path / "two").mkdir()
     for stem in ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16"):
         (tmp_path / "two" / f"{stem}.safetensors").write_bytes(b"")
