@@ -40,6 +40,7 @@ class ActivationStats:
         self.hist = torch.zeros(BINS, dtype=torch.float64)
         self.range = 0.0  # histogram covers [0, range]
         self.reservoir = torch.empty(0)
+        self._values = 0  # values the reservoir holds, or would hold if kept
         self.rows = torch.empty(0)
         self.batches = 0
         self._gen = torch.Generator().manual_seed(0)
@@ -61,11 +62,16 @@ class ActivationStats:
         take = torch.randint(
             flat.numel(), (min(flat.numel(), PER_BATCH_SAMPLE),), generator=self._gen
         )
-        if self.keep_values:  # (the draws above happen either way: same rows picked)
+        # Every draw happens whether or not the values are kept (their count stands in
+        # for the reservoir), so the rows sampled below are the same either way.
+        self._values += take.numel()
+        if self.keep_values:
             self.reservoir = torch.cat([self.reservoir, flat[take]])
-        if self.reservoir.numel() > 2 * RESERVOIR:  # amortized: one downsample per doubling
-            keep = torch.randperm(self.reservoir.numel(), generator=self._gen)[:RESERVOIR]
-            self.reservoir = self.reservoir[keep]
+        if self._values > 2 * RESERVOIR:  # amortized: one downsample per doubling
+            keep = torch.randperm(self._values, generator=self._gen)[:RESERVOIR]
+            self._values = RESERVOIR
+            if self.keep_values:
+                self.reservoir = self.reservoir[keep]
         pick = torch.randint(
             rows.shape[0], (min(rows.shape[0], ROWS_PER_BATCH),), generator=self._gen
         )

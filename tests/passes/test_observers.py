@@ -5,14 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcompile.passes.observers import BINS, ActivationStats, channel_ranges, observe_range
+from qcompile.passes.observers import (
+    BINS,
+    RESERVOIR,
+    ActivationStats,
+    channel_ranges,
+    observe_range,
+)
 from qcompile.recipes import Observer
 
 
-def _outlier_stats(**keep):
+def _outlier_stats(batches=4, **keep):
     gen = torch.Generator().manual_seed(0)
     stats = ActivationStats(**keep)
-    for _ in range(4):
+    for _ in range(batches):
         x = torch.randn(8, 64, 96, generator=gen)
         x[..., 7] *= 50  # one outlier channel in 96, as diffusion activations have
         stats.update(x)
@@ -81,6 +87,10 @@ def test_reservoirs_are_kept_only_when_asked_and_change_nothing_else():
     assert torch.equal(lean.channel_absmax, full.channel_absmax)
     rows_only = _outlier_stats(values=False)  # the same rows are sampled either way
     assert torch.equal(rows_only.rows, full.rows)
+    # also once the value reservoir has been downsampled (past 32 batches of these)
+    many = {keep: _outlier_stats(40, values=keep) for keep in (True, False)}
+    assert many[True].reservoir.numel() <= 2 * RESERVOIR
+    assert torch.equal(many[False].rows, many[True].rows)
     for observer in (Observer.MIN_MAX, Observer.PERCENTILE, Observer.HISTOGRAM):
         want = observe_range(full, observer, torch.int8, 99.9)
         assert observe_range(lean, observer, torch.int8, 99.9) == want
