@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from qcompile.api import quantize
 from qcompile.atomic import atomic_directory
 from qcompile.calibration import capture_calibration
-from qcompile.errors import QCompileError
+from qcompile.errors import CheckpointError, QCompileError
 from qcompile.metrics import weight_bytes
 from qcompile.prompts import CALIBRATION_PROMPTS, load_prompts
 from qcompile.recipes import resolve_recipe
@@ -98,7 +98,6 @@ def warn_if_too_large(source: str, name: str, dtype: torch.dtype, device: str | 
     """Before a calibrated recipe loads the float denoiser whole: warn when it may not
     fit the memory left on `device`, and name --low-memory (measured from the shards'
     headers; a Hub id, or a folder without safetensors, is not checked)."""
-    from qcompile.errors import CheckpointError
     from qcompile.offload import ShardWeights
 
     try:

@@ -16,7 +16,6 @@ those recipes hold them in memory while they run (logged).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping
@@ -32,6 +31,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
+from qcompile.checkpoint import weight_files
 from qcompile.errors import CheckpointError, QCompileError
 from qcompile.memory import release_freed_memory
 from qcompile.runtime import retarget_devices
@@ -222,11 +222,8 @@ class ShardWeights(Mapping):
     model built on the meta device, so no float copy of the whole model ever exists."""
 
     def __init__(self, folder: Path) -> None:
-        index = next(iter(folder.glob("*.safetensors.index.json")), None)
-        if index is not None:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = {key: folder / file for key, file in weight_map.items()}
-        else:
+        self._files = weight_files(folder)  # diffusers' shard index, its shards checked
+        if not self._files:
             shards = sorted(folder.glob("*.safetensors"))
             if len(shards) != 1:
                 raise CheckpointError(

@@ -79,7 +79,7 @@ def pack_weight(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
     """Quantize and pack a float [N, K] weight; bitwise what `impl.quantize` returns."""
     impl = weight_format_impl(spec)
     n = weight.shape[0]
-    rows = max(1, PACK_CHUNK_BYTES // max(1, 4 * weight[0].numel()))
+    rows = max(1, PACK_CHUNK_BYTES // (4 * max(1, weight.shape[1])))
     if n <= rows or weight.is_meta or not impl.rowwise(spec):
         return impl.quantize(weight, spec)
     out: QuantizedWeight = {}

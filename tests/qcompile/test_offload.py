@@ -156,6 +156,9 @@ def test_shard_weights_reads_diffusers_shards_lazily_and_refuses_ambiguous_folde
         want = sum((t.to(dtype) if t.is_floating_point() else t).nbytes for t in state.values())
         assert ShardWeights(tmp_path / "one").loaded_bytes(dtype) == want
         assert ShardWeights(tmp_path / "sharded").loaded_bytes(dtype) == want - 3 * 8
+    next((tmp_path / "sharded").glob("*-00001-of-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match=r"names shard .*, which is missing"):
+        ShardWeights(tmp_path / "sharded")
     (tmp_path / "two").mkdir()
     for stem in ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16"):
         (tmp_path / "two" / f"{stem}.safetensors").write_bytes(b"")
