@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections import Counter
 from typing import Any
 
@@ -53,6 +54,10 @@ STALE = (
     "replaced), which the lowered graph does not contain"
 )
 LORA_OFF_GRAPH = "LoRA adapters wrap layers the lowered graph has no linear for"
+HOOKED = (
+    "submodule {name!r} has forward hooks (diffusers group offloading, layerwise casting "
+    "or a cache; accelerate; torch hooks), which the lowered graph would bypass"
+)
 
 
 class GraphRuntime:
@@ -137,11 +142,21 @@ class GraphRuntime:
         if not wanted:
             return gm(*inputs)
         compiled = self._compiled.get(id(gm))
-        if compiled is None:
+        first = compiled is None
+        if first:
             compiled = torch.compile(gm, backend="qcompile", fullgraph=True)
             self._compiled[id(gm)] = compiled
+            logger.info(
+                "compiling %s's lowered graph with torch.compile (its first call; a large "
+                "model takes minutes) ...",
+                type(self.module).__name__,
+            )
+            start = time.perf_counter()
         try:
-            return compiled(*inputs)
+            out = compiled(*inputs)
+            if first:
+                logger.info("compiled in %.1f s", time.perf_counter() - start)
+            return out
         except Exception as exc:
             logger.warning(
                 "%s: torch.compile of the lowered graph failed (%s: %s); it runs "
@@ -163,6 +178,9 @@ class GraphRuntime:
             self._check_structure()
         if self._stale:
             return self._stale
+        hooked = hooked_submodule(self.module)
+        if hooked is not None:
+            return HOOKED.format(name=hooked)
         routed = self.matcher.match(args, kwargs)
         if isinstance(routed, str):
             return routed
@@ -213,6 +231,13 @@ class GraphRuntime:
         self._warned.add(reason)
         if reason in (STALE, LORA_OFF_GRAPH):
             hint = "it is correct, and back on the graph once the modules are restored"
+        elif reason.startswith("submodule "):
+            hint = "it is correct, and back on the graph once the hooks are removed"
+        elif " is torch." in reason and "captured as torch." in reason:
+            hint = (
+                "load the checkpoint with the torch_dtype you call it in (the graph is "
+                "captured again for it), or quantize a model in that dtype"
+            )
         else:
             hint = "to keep such calls on the graph, quantize with example_inputs taken from one"
         logger.warning(
@@ -341,12 +366,38 @@ def retarget_devices(gm: torch.fx.GraphModule, old: torch.device, new: torch.dev
     gm.recompile()
 
 
+def hooked_submodule(module: nn.Module) -> str | None:
+    """The name of the first submodule whose forward is wrapped (diffusers' hook
+    registry and accelerate both replace the instance's `forward`) or carries torch
+    forward hooks, or None. The lowered graph reads weights without calling any
+    submodule, so such hooks (onloading offloaded weights, upcasting stored ones,
+    skipping cached blocks) would not run."""
+    for sub in module.modules():
+        if sub is module:
+            continue
+        if _wrapped(sub) or sub._forward_pre_hooks or sub._forward_hooks:
+            return next(name for name, m in module.named_modules() if m is sub)
+    return None
+
+
+def _wrapped(module: nn.Module) -> bool:
+    """Whether the instance's `forward` is something else than its class's own (a hook
+    taken off by assigning the saved original back leaves that bound method)."""
+    forward = module.__dict__.get("forward")
+    return forward is not None and getattr(forward, "__func__", None) is not type(module).forward
+
+
 def runtime_of(module: nn.Module) -> GraphRuntime | None:
     """The GraphRuntime installed on a quantized module, or None. Found under
     accelerate's hooks too (device_map, CPU offload), which keep the forward they
-    wrap as `_old_forward`."""
+    wrap as `_old_forward`, and under diffusers' hooks (group offloading, caches),
+    whose wrapper names what it wraps as `__wrapped__`."""
     for attr in ("forward", "_old_forward"):
         forward = module.__dict__.get(attr)
-        if isinstance(forward, GraphRuntime):
-            return forward
+        for _ in range(64):  # a chain of wrappers, one per hook
+            if isinstance(forward, GraphRuntime):
+                return forward
+            forward = getattr(forward, "__wrapped__", None)
+            if forward is None:
+                break
     return None

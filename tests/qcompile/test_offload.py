@@ -173,3 +173,35 @@ def test_streamed_model_names_the_tensors_its_shards_lack(tmp_path):
     save_file(state, tmp_path / "diffusion_pytorch_model.safetensors")
     with pytest.raises(CheckpointError, match=r"the shards lack .*proj_out"):
         streamed_model(type(model), tmp_path, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "level"),
+    [("int8-wo", "leaf_level"), ("int4-wo", "leaf_level"), ("int4-wo", "block_level")],
+)
+def test_diffusers_group_offload_to_disk_runs_through_its_hooks(recipe, level, tmp_path):
+    """diffusers' group offloading moves weights in and out in hooks on the submodules'
+    forwards, which the lowered graph never calls: with weights offloaded to disk it
+    read empty tensors and every output was NaN. Calls now run the model's own forward
+    (the same quantized ops) while any submodule is hooked, and say why."""
+    build, held_out = FAMILIES["flux"]
+    model = qcompile.quantize(build(), recipe)
+    inputs = held_out(model)
+    runtime = runtime_of(model)
+    with torch.no_grad():
+        expected = runtime.eager(**inputs, return_dict=False)[0]
+    extra = {"num_blocks_per_group": 1} if level == "block_level" else {}
+    model.enable_group_offload(
+        onload_device=torch.device("cpu"),
+        offload_type=level,
+        offload_to_disk_path=str(tmp_path / "offload"),
+        **extra,
+    )
+    assert runtime_of(model) is runtime  # found under diffusers' hooks too
+    for _ in range(2):  # the second call onloads from the files the first wrote
+        with torch.no_grad():
+            out = model(**inputs, return_dict=False)[0]
+        assert torch.isfinite(out).all()
+        assert torch.allclose(out, expected, rtol=0, atol=1e-5)
+    assert runtime.calls == {"eager": 2}
+    assert "has forward hooks" in runtime.last_reason and "group offloading" in runtime.last_reason
