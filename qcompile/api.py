@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from qcompile.calibration import as_calibration_set
-from qcompile.capture import Capture, capture
+from qcompile.capture import Capture, capture, example_inputs_of
 from qcompile.errors import CaptureError, NoLinearSelectedError, QCompileError, RecipeError
 from qcompile.families import ModelFamily, detect_family, keep_in_fp32_globs
 from qcompile.matcher import CallMatcher
@@ -41,6 +41,7 @@ from qcompile.passes import (
     smooth,
 )
 from qcompile.passes.observe_activations import observe_activations
+from qcompile.presets import check_recipe_fits
 from qcompile.recipes import LayerScheme, Recipe, resolve_recipe
 from qcompile.runtime import GraphRuntime, runtime_of
 from qcompile.schemes import QuantizedWeight
@@ -92,6 +93,8 @@ def quantize(
         )
     _refuse_adapters(module)
     family = detect_family(module)
+    linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    check_recipe_fits(recipe, type(module).__name__, family, linears)
     samples = None
     if calibration is not None:
         samples = as_calibration_set(calibration).check_finite(skip_nonfinite)
@@ -212,8 +215,10 @@ def _excludes(module: nn.Module, family, recipe: Recipe) -> tuple[str, ...]:
 
 def select_linears(module: nn.Module, recipe: Recipe) -> dict[str, LayerScheme]:
     """The nn.Linear modules `recipe` selects (family excludes applied), by FQN."""
-    excludes = _excludes(module, detect_family(module), recipe)
+    family = detect_family(module)
+    excludes = _excludes(module, family, recipe)
     linears = [n for n, m in module.named_modules() if is_float_linear(m)]
+    check_recipe_fits(recipe, type(module).__name__, family, linears)
     selected = {
         n: recipe.scheme_for(m.out_features, m.in_features)
         for n, m in module.named_modules()
@@ -241,6 +246,9 @@ def attach(
     matcher: CallMatcher | None = None,
 ) -> None:
     """Install the graph runtime and qcompile's state on a module with quantized linears."""
+    from qcompile.checkpoint import align_cpu_tensors
+
+    align_cpu_tensors(module)  # so that it computes bit for bit as its reload will
     runtime = None
     if captured is not None:
         runtime = GraphRuntime(module, captured, matcher)
@@ -362,9 +370,23 @@ def attach_loaded(model: nn.Module, config, hf_quantizer, program_path: Path | N
     family = detect_family(model)
     model.eval().requires_grad_(False)
     schemes = {n: m.scheme for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    program = None
     if program_path is not None:
         program = load_program(program_path)
         check_program_fits(program, model, program_path)
+    saved_dtype = getattr(torch, config.dtype or "", None)
+    if program is not None and saved_dtype is not None and saved_dtype != model.dtype:
+        # The graph was traced in the saved dtype: its casts (a norm's float32 upcast,
+        # which a float32 trace never records) are that dtype's. Trace the model again
+        # in the one it loaded in, from inputs shaped like the saved program's.
+        logger.info(
+            "%s: saved in %s, loaded in %s: capturing its graph again",
+            type(model).__name__,
+            saved_dtype,
+            model.dtype,
+        )
+        captured = _recapture(model, program, family, saved_dtype)
+    elif program is not None:
         captured = Capture(
             program=program,
             signature=inspect.signature(model.forward),
@@ -381,6 +403,31 @@ def attach_loaded(model: nn.Module, config, hf_quantizer, program_path: Path | N
                 type(model).__name__,
             )
     attach(model, captured, config.recipe, schemes, family, hf_quantizer)
+
+
+def _recapture(
+    model: nn.Module, program, family: ModelFamily | None, saved_dtype: torch.dtype
+) -> Capture | None:
+    """`model` captured again like `program` was, in the model's dtype (a known
+    family's inputs in the dtypes its pipeline passes: Flux's guidance stays float32);
+    None (eager only, with a warning) when torch.export cannot."""
+    device, dtypes = next(model.parameters()).device, None
+    if family is not None:
+        synthesized = family.example_inputs(model, device, model.dtype)
+        dtypes = {k: v.dtype for k, v in synthesized.items() if isinstance(v, torch.Tensor)}
+    inputs, shapes = example_inputs_of(program, model.dtype, device, dtypes)
+    try:
+        return capture(model, inputs, shapes)
+    except CaptureError as exc:
+        logger.warning(
+            "%s: could not capture the graph again in %s, so calls run the eager "
+            "fallback; load it with torch_dtype=%s to use the saved graph (%s)",
+            type(model).__name__,
+            model.dtype,
+            str(saved_dtype).removeprefix("torch."),
+            exc,
+        )
+        return None
 
 
 def _kwarg_names(in_spec) -> tuple[str, ...]:

@@ -64,6 +64,7 @@ def capture(
     has_return_dict = RETURN_DICT in signature.parameters
     if has_return_dict:
         kwargs[RETURN_DICT] = False
+    logger.info("capturing %s with torch.export ...", type(module).__name__)
     start = time.perf_counter()
     with torch.no_grad():
         if dynamic_shapes is None:
@@ -177,6 +178,58 @@ def _user_input_values(program: ExportedProgram) -> list[Any]:
         for node, spec in zip(nodes, program.graph_signature.input_specs, strict=True)
         if spec.kind is InputKind.USER_INPUT
     ]
+
+
+def example_inputs_of(
+    program: ExportedProgram,
+    dtype: torch.dtype,
+    device: torch.device,
+    dtypes: dict[str, torch.dtype] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword inputs shaped like `program`'s capture (each symbolic dim at the size it
+    was traced with, on `device`, floating tensors in `dtype` or, for top-level
+    arguments `dtypes` names, in that dtype; seeded values) and the dynamic shapes that
+    declare the same dims with the same bounds: what capturing the model again in
+    another dtype needs, for any model, without its family."""
+    gen = torch.Generator().manual_seed(0)
+    bounds = program.range_constraints
+    dims: dict[Any, Any] = {}
+    leaves, specs = [], []
+    for value in _user_input_values(program):
+        if not isinstance(value, torch.Tensor):
+            leaves.append(value)
+            specs.append(None)
+            continue
+        shape, spec = [], {}
+        for i, size in enumerate(value.shape):
+            if not isinstance(size, torch.SymInt):
+                shape.append(int(size))
+                continue
+            expr = size.node.expr
+            shape.append(int(size.node.hint))
+            if expr.is_Symbol and expr in bounds:
+                upper = finite_int(bounds[expr].upper)
+                limits = {"min": int(bounds[expr].lower)}
+                if upper is not None:
+                    limits["max"] = upper
+                spec[i] = dims.setdefault(expr, Dim(f"dim{len(dims)}", **limits))
+            else:  # derived (2 * s0, ...): torch.export finds the relation again
+                spec[i] = Dim.AUTO
+        if value.is_floating_point():
+            tensor = torch.randn(shape, generator=gen).to(dtype)
+        else:
+            tensor = torch.zeros(shape, dtype=value.dtype)
+        leaves.append(tensor.to(device))
+        specs.append(spec or None)
+    in_spec = program.call_spec.in_spec
+    _, kwargs = pytree.tree_unflatten(leaves, in_spec)
+    for name, want in (dtypes or {}).items():
+        if isinstance(kwargs.get(name), torch.Tensor) and kwargs[name].is_floating_point():
+            kwargs[name] = kwargs[name].to(want)
+    _, shapes = pytree.tree_unflatten(specs, in_spec)
+    kwargs.pop(RETURN_DICT, None)
+    shapes.pop(RETURN_DICT, None)
+    return kwargs, shapes
 
 
 def _output_type(

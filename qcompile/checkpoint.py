@@ -85,6 +85,20 @@ def aligned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def align_cpu_tensors(model: nn.Module) -> None:
+    """Re-home `model`'s misaligned CPU parameters and buffers (see `aligned`): a model
+    from diffusers' `from_pretrained` keeps them mmap'd at file offsets, and CPU kernels
+    sum misaligned operands in another order, so a quantized model and its reload would
+    differ in the last bits. Both go through here and compute alike."""
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None and aligned(tensor) is not tensor:
+                    copy = aligned(tensor)
+                    is_param = isinstance(tensor, nn.Parameter)
+                    table[name] = nn.Parameter(copy, requires_grad=False) if is_param else copy
+
+
 def tensor_crc32(tensor: torch.Tensor) -> int:
     data = tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy()
     return zlib.crc32(data)

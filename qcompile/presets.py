@@ -6,6 +6,10 @@ Family-specific excludes are applied by `quantize` from the detected family; the
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
+
+from qcompile.errors import NoLinearSelectedError, RecipeError
 from qcompile.families import FLUX, SD3, UNET
 from qcompile.recipes import (
     DEFAULT_INT4_GROUP_SIZE,
@@ -100,3 +104,53 @@ for _prefix, _family in _FAMILY_PRESET_PREFIX.items():
                 name=f"{_prefix}-{_base}", exclude=_family.default_excludes
             )
         )
+
+
+GLOB_FORM = "globs match whole dotted names such as 'transformer_blocks.0.attn.to_q'"
+
+
+def preset_family(recipe: Recipe):
+    """The family a `flux-*` / `sd3-*` / `sdxl-*` preset (or a recipe made from one,
+    excludes kept) was written for; None for any other recipe."""
+    prefix = recipe.name.partition("-")[0]
+    family = _FAMILY_PRESET_PREFIX.get(prefix)
+    if family is None or not set(family.default_excludes) <= set(recipe.exclude):
+        return None
+    return family
+
+
+def check_recipe_fits(recipe: Recipe, model_name: str, family, linears: list[str]) -> None:
+    """Refuse what would otherwise quantize without a word but not as asked: a family
+    preset on a model of another family, and an include / exclude glob that matches
+    none of the model's linear layers (a typo leaves the layer it meant quantized).
+    Globs a family preset spells out for its own family are not checked: not every
+    model of a family has every one of them."""
+    written_for = preset_family(recipe)
+    if written_for is not None and (family is None or family.name != written_for.name):
+        base = recipe.name.partition("-")[2]
+        ours = [p for p, f in _FAMILY_PRESET_PREFIX.items() if family and f.name == family.name]
+        instead = f"{ours[0]}-{base}" if ours else base
+        raise RecipeError(
+            f"recipe {recipe.name!r} is written for {written_for.class_name} (its excludes "
+            f"name that family's layers); {model_name} is "
+            f"{family.class_name if family else 'not of that family'}: use {instead!r}"
+        )
+    own = set(written_for.default_excludes) if written_for is not None else set()
+    for attr in ("include", "exclude"):
+        for glob in getattr(recipe, attr):
+            if glob == "*" or glob in own or any(fnmatch.fnmatchcase(n, glob) for n in linears):
+                continue
+            shapes = sorted({"*." + ".".join(n.split(".")[-2:]) for n in linears})
+            close = difflib.get_close_matches(glob, shapes, n=3, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            if attr == "include":  # nothing it names is quantized
+                raise NoLinearSelectedError(
+                    f"recipe {recipe.name!r} selects none of the model's layers that include "
+                    f"glob {glob!r} names: it matches none of {model_name}'s "
+                    f"{len(linears)} linear layers{hint}; {GLOB_FORM}"
+                )
+            raise RecipeError(
+                f"recipe {recipe.name!r}: exclude glob {glob!r} matches none of "
+                f"{model_name}'s {len(linears)} linear layers{hint}, so it keeps nothing "
+                f"16-bit; {GLOB_FORM}"
+            )

@@ -9,6 +9,7 @@ name is unknown.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import json
 from dataclasses import dataclass, field
@@ -247,6 +248,17 @@ class Recipe:
             object.__setattr__(self, "activation", ActivationSpec(**self.activation))
         if isinstance(self.smooth, dict):
             object.__setattr__(self, "smooth", SmoothSpec(**self.smooth))
+        for attr, cls, optional in (
+            ("weight", WeightSpec, False),
+            ("activation", ActivationSpec, False),
+            ("smooth", SmoothSpec, True),
+        ):
+            value = getattr(self, attr)
+            if not isinstance(value, cls) and not (optional and value is None):
+                raise RecipeError(
+                    f"recipe.{attr} must be a qcompile.{cls.__name__}"
+                    f"{' or None' if optional else ''}, got {value!r}"
+                )
         for attr in ("include", "exclude"):
             value = getattr(self, attr)
             if isinstance(value, str) or not all(isinstance(g, str) for g in value):
@@ -353,9 +365,11 @@ def resolve_recipe(recipe: str | Recipe) -> Recipe:
     if isinstance(recipe, str):
         if recipe in _PRESETS:
             return _PRESETS[recipe]
+        close = difflib.get_close_matches(recipe, list_recipes(), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         raise RecipeError(
-            f"unknown recipe {recipe!r}; valid recipes: {', '.join(list_recipes())} "
-            "(or pass a qcompile.Recipe)"
+            f"unknown recipe {recipe!r}; {hint}valid recipes: {', '.join(list_recipes())} "
+            "(`qcompile recipes` describes them; or pass a qcompile.Recipe)"
         )
     raise RecipeError(f"recipe must be a preset name or a qcompile.Recipe, got {type(recipe)!r}")
 

@@ -27,14 +27,14 @@ import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 from torch import nn
 
-from qcompile.checkpoint import aligned, read_checksums, verify_tensor
-from qcompile.errors import CheckpointError, RecipeError, WeightError
+from qcompile.checkpoint import read_checksums, verify_tensor
+from qcompile.errors import CheckpointError, QCompileError, RecipeError, WeightError
 from qcompile.integrations.diffusers_config import (
     PROGRAM_NAME,
     QCompileConfig,
     QCompileMethod,
-    keep_in_fp32_globs,
     not_convert_globs,
+    unmatched_names,
 )
 from qcompile.integrations.diffusers_lora import patch_lora_loaders
 from qcompile.memory import release_freed_memory
@@ -112,8 +112,17 @@ class QCompileQuantizer(DiffusersQuantizer):
             return
         from qcompile.api import select_linears
 
-        keep_fp32 = kwargs.get("keep_in_fp32_modules") or []
-        skips = not_convert_globs(config.modules_to_not_convert) + keep_in_fp32_globs(keep_fp32)
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        unmatched = unmatched_names(config.modules_to_not_convert, linears)
+        if unmatched:
+            raise QCompileError(
+                f"modules_to_not_convert names {unmatched}, which occur in none of "
+                f"{type(model).__name__}'s {len(linears)} linear layer names (an entry "
+                "keeps every linear whose dotted name contains it): fix or drop them"
+            )
+        # The model class's _keep_in_fp32_modules (what diffusers passes as
+        # keep_in_fp32_modules) are excluded by select_linears itself, as in `quantize`.
+        skips = not_convert_globs(config.modules_to_not_convert)
         if skips:  # recorded in the recipe, so the checkpoint says what stayed 16-bit
             excludes = tuple(dict.fromkeys((*config.recipe.exclude, *skips)))  # no repeats
             config.recipe = config.recipe.replace(exclude=excludes)
@@ -203,7 +212,6 @@ class QCompileQuantizer(DiffusersQuantizer):
             unloaded = [fqn for fqn in self.selected if is_float_linear(model.get_submodule(fqn))]
             if unloaded:
                 raise CheckpointError(f"{self._where()}: no weight was loaded for {unloaded[:8]}")
-        _align_cpu_tensors(model)
         program = None
         if self.pre_quantized and self.checkpoint_files:
             name = self.quantization_config.program or PROGRAM_NAME
@@ -233,17 +241,6 @@ class QCompileQuantizer(DiffusersQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
-
-
-def _align_cpu_tensors(model: nn.Module) -> None:
-    """Re-home misaligned CPU parameters and buffers (see `checkpoint.aligned`)."""
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for name, tensor in table.items():
-                if tensor is not None and aligned(tensor) is not tensor:
-                    copy = aligned(tensor)
-                    is_param = isinstance(tensor, nn.Parameter)
-                    table[name] = nn.Parameter(copy, requires_grad=False) if is_param else copy
 
 
 def _linear_at(model: nn.Module, fqn: str, where: str) -> nn.Linear:

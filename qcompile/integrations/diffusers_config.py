@@ -16,6 +16,7 @@ only a recipe: the model is quantized as its weights stream in.
 from __future__ import annotations
 
 import copy
+import glob
 import json
 from enum import Enum
 from typing import Any
@@ -23,7 +24,6 @@ from typing import Any
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from qcompile.errors import CheckpointError, QCompileError
-from qcompile.families import keep_in_fp32_globs  # noqa: F401 - the quantizer's import
 from qcompile.recipes import LayerScheme, Recipe, resolve_recipe
 
 FORMAT_VERSION = 1
@@ -133,15 +133,25 @@ class QCompileConfig(QuantizationConfigMixin):
 
 
 def not_convert_globs(names: list[str]) -> tuple[str, ...]:
-    """Excludes for diffusers' `modules_to_not_convert`: a linear is skipped when its
-    name is one of `names` or lies inside a module whose name ends with one of them
-    (the `key + "." in name or key == name` rule diffusers' quantizers apply)."""
-    return tuple(glob for name in names for glob in (name, f"*{name}.*"))
+    """Excludes for diffusers' `modules_to_not_convert`: a linear stays 16-bit when one
+    of `names` occurs anywhere in its dotted name, the rule diffusers' own quantizer
+    tests check (`any(key in name ...)`): "proj_out" keeps the top-level `proj_out`
+    and every `single_transformer_blocks.N.proj_out`, "transformer_blocks.0.attn"
+    also `single_transformer_blocks.0.attn.*`, as bitsandbytes' `key + "." in name`
+    does."""
+    return tuple(f"*{glob.escape(name)}*" for name in names)
+
+
+def unmatched_names(names: list[str], linears: list[str]) -> list[str]:
+    """The `modules_to_not_convert` entries that occur in no linear layer's name."""
+    return [name for name in names if not any(name in linear for linear in linears)]
 
 
 def _recipe(value: Any) -> Recipe:
+    if not isinstance(value, dict):  # a name the user wrote, not a saved config
+        return resolve_recipe(value)
     try:
-        return Recipe.from_dict(value) if isinstance(value, dict) else resolve_recipe(value)
+        return Recipe.from_dict(value)
     except QCompileError as exc:
         raise CheckpointError(f"{_WHERE}: recipe is invalid: {exc}") from exc
 

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 from safetensors import safe_open
+from torch.utils import _pytree as pytree
 
 import qcompile
 from qcompile import runtime_of
@@ -184,3 +185,80 @@ def test_shard_index_naming_a_missing_shard_is_a_clear_error(tmp_path):
     (tmp_path / sorted(set(index["weight_map"].values()))[-1]).unlink()
     with pytest.raises(qcompile.CheckpointError, match="missing"):
         qcompile.load(tmp_path)
+
+
+def test_from_pretrained_float_model_quantizes_bitwise_as_its_reload(tmp_path):
+    """A float model from diffusers' from_pretrained keeps its tensors mmap'd at file
+    offsets (misaligned), which CPU kernels sum in another order: quantizing it in
+    memory gave 2.4e-7 against its own reload. `quantize` re-homes them as the loader
+    does, so the two are bitwise equal."""
+    build, held_out = FAMILIES["flux"]
+    build().save_pretrained(tmp_path / "float")
+    model = type(build()).from_pretrained(tmp_path / "float")
+    misaligned = [t for t in model.state_dict().values() if t.data_ptr() % 64]
+    assert misaligned  # the premise: diffusers leaves them where the file put them
+    qcompile.quantize(model, "int8-wo")
+    assert not [t for t in model.state_dict().values() if t.data_ptr() % 64]
+    inputs = held_out(model)
+    model.save_pretrained(tmp_path / "quantized")
+    again = type(model).from_pretrained(tmp_path / "quantized")
+    assert torch.equal(_call(again, inputs), _call(model, inputs))
+
+
+@pytest.mark.parametrize("family", ["flux", "unet"])
+def test_loading_in_another_dtype_captures_the_graph_again(family, tmp_path):
+    """A float32 checkpoint loaded with torch_dtype=bfloat16 ran every call eagerly
+    (the saved graph's inputs are float32). The load captures the graph again in the
+    dtype it loads in, and calls stay on it; what is saved then is that graph."""
+    build, held_out = FAMILIES[family]
+    qcompile.quantize(build(), "int8-wo").save_pretrained(tmp_path / "fp32")
+    cls = type(build())
+    model = cls.from_pretrained(tmp_path / "fp32", torch_dtype=torch.bfloat16)
+    inputs = _in_bfloat16(held_out(model), keep=("guidance", "timestep"))  # as pipelines pass
+    out = _call(model, inputs)
+    runtime = runtime_of(model)
+    assert runtime.calls == {"graph": 1}, runtime.last_reason
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert torch.equal(out, runtime.eager(**inputs, return_dict=False)[0])
+    model.save_pretrained(tmp_path / "bf16")
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["quantization_config"]["dtype"] == "bfloat16"
+    again = cls.from_pretrained(tmp_path / "bf16", torch_dtype=torch.bfloat16)
+    assert torch.equal(_call(again, inputs), out)
+    assert runtime_of(again).calls == {"graph": 1}
+
+
+def test_a_model_outside_the_families_is_captured_again_from_its_saved_program(tmp_path):
+    """No family to synthesize inputs from: the saved program's own input shapes and
+    dynamic dims are the recipe for the new capture."""
+    model = qcompile.quantize(tiny_pixart(), "int8-wo", example_inputs=pixart_inputs())
+    model.save_pretrained(tmp_path / "fp32")
+    again = type(model).from_pretrained(tmp_path / "fp32", torch_dtype=torch.bfloat16)
+    for batch, height in ((1, 8), (3, 10)):  # other sizes than the capture's
+        inputs = _in_bfloat16(pixart_inputs(batch=batch, height=height))
+        out = _call(again, inputs)
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert runtime_of(again).calls == {"graph": 2}, runtime_of(again).last_reason
+
+
+def test_the_saved_program_names_no_path_of_this_machine(tmp_path):
+    """Stack traces in the node metadata named site-packages: checkpoints of the same
+    model differed between machines. They stay on the live program only."""
+    build, _ = FAMILIES["flux"]
+    model = qcompile.quantize(build(), "int8-wo")
+    model.save_pretrained(tmp_path / "q")
+    raw = (tmp_path / "q" / PROGRAM_NAME).read_bytes()
+    for path in {sys.prefix, sys.base_prefix, str(tmp_path), "site-packages"}:
+        assert path.encode() not in raw
+    nodes = runtime_of(model).program.graph.nodes
+    assert any("stack_trace" in node.meta for node in nodes)  # kept for error messages
+
+
+def _in_bfloat16(inputs: dict, keep: tuple[str, ...] = ()) -> dict:
+    """Floating tensors (nested ones too) in bfloat16, but the arguments in `keep`."""
+
+    def cast(value):
+        floating = isinstance(value, torch.Tensor) and value.is_floating_point()
+        return value.bfloat16() if floating else value
+
+    return {k: v if k in keep else pytree.tree_map(cast, v) for k, v in inputs.items()}

@@ -208,3 +208,30 @@ def test_capture_learns_the_output_class_without_a_real_forward_when_it_can(read
     assert model.real_calls == (1 if read_values else 0)
     out = model(torch.randn(3, 16))
     assert isinstance(out, _Output) and out.sample.shape == (3, 16)
+
+
+@pytest.mark.parametrize(
+    ("family", "preset", "instead"),
+    [("unet", "flux-svdq-w4a16", "sdxl-svdq-w4a16"), ("flux", "sdxl-mxfp4-wo", "flux-mxfp4-wo")],
+)
+def test_a_family_preset_on_another_family_is_refused(family, preset, instead):
+    build, _ = FAMILIES[family]
+    with pytest.raises(qcompile.RecipeError, match=f"use '{instead}'"):
+        qcompile.quantize(build(), preset)
+
+
+def test_a_family_preset_fits_its_own_family_though_not_every_glob_matches():
+    # SD3's `pos_embed` exclude names a patch-embedding conv, no linear: still accepted.
+    build, _ = FAMILIES["sd3"]
+    model = qcompile.quantize(build(), "sd3-mxfp4-wo")
+    assert model.qcompile_state.recipe.name == "sd3-mxfp4-wo"
+
+
+def test_an_exclude_glob_that_matches_no_linear_is_refused_with_a_suggestion():
+    build, _ = FAMILIES["flux"]
+    recipe = qcompile.get_recipe("int8-wo").replace(exclude=("*.norm1.linaer",))
+    with pytest.raises(qcompile.RecipeError, match=r"did you mean '\*\.norm1\.linear'"):
+        qcompile.quantize(build(), recipe)
+    good = recipe.replace(exclude=("*.norm1.linear",))
+    model = qcompile.quantize(build(), good)
+    assert "transformer_blocks.0.norm1.linear" not in model.qcompile_state.schemes

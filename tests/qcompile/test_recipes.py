@@ -134,3 +134,24 @@ def test_fp4_block_is_fixed_by_the_format():
     assert WeightSpec("mxfp4", "per_group").group_size == 32
     with pytest.raises(RecipeError, match="nvfp4 weights are per_group with group_size 16"):
         WeightSpec("nvfp4", "per_group", 32)
+
+
+def test_a_misspelled_preset_gets_a_suggestion():
+    with pytest.raises(RecipeError, match=r"did you mean 'int8-wo'\?"):
+        qcompile.get_recipe("int8-w0")
+    with pytest.raises(RecipeError, match=r"did you mean 'svdq-w4a4'"):
+        qcompile.get_recipe("svdq-w4a8")
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        ({"weight": None}, "recipe.weight must be a qcompile.WeightSpec"),
+        ({"activation": "int8"}, "recipe.activation must be a qcompile.ActivationSpec"),
+        ({"smooth": 0.5}, "recipe.smooth must be a qcompile.SmoothSpec or None"),
+    ],
+)
+def test_replace_with_a_wrong_part_is_a_recipe_error(change, what):
+    # Recipe.replace(weight=None) raised AttributeError from inside the validation.
+    with pytest.raises(RecipeError, match=what):
+        qcompile.get_recipe("int8-wo").replace(**change)

@@ -174,3 +174,30 @@ def test_config_repr_is_diffusers_json_form():
     diff = config.to_diff_dict()
     assert diff["quant_method"] == "qcompile" and "format_version" not in diff
     assert diff["modules_to_not_convert"] == ["proj_out"]
+
+
+def test_modules_to_not_convert_matches_inside_names_as_diffusers_does(tmp_path):
+    """diffusers' quantizer tests keep every linear whose name contains an entry: with
+    "proj_out", each `single_transformer_blocks.N.proj_out` too, not only the
+    top-level one (qcompile kept those quantized)."""
+    build, held_out = HELD_OUT["flux"]
+    build().save_pretrained(tmp_path / "float")
+    config = QCompileConfig("int8-wo", modules_to_not_convert=["proj_out"])
+    model = type(build()).from_pretrained(tmp_path / "float", quantization_config=config)
+    kinds = _linear_kinds(model)
+    kept = [n for n in kinds if "proj_out" in n]
+    assert "single_transformer_blocks.0.proj_out" in kept
+    assert all(kinds[n] == "Linear" for n in kept)
+    assert sum(kind == "QuantizedLinear" for kind in kinds.values()) > len(kept)
+    _call(model, held_out(model))
+    assert runtime_of(model).last_path == "graph", runtime_of(model).last_reason
+
+
+def test_modules_to_not_convert_naming_nothing_is_refused(tmp_path):
+    build, _ = HELD_OUT["flux"]
+    build().save_pretrained(tmp_path / "float")
+    config = QCompileConfig("int8-wo", modules_to_not_convert=["proj_outt"])
+    with pytest.raises(
+        qcompile.QCompileError, match=r"modules_to_not_convert names \['proj_outt'\]"
+    ):
+        type(build()).from_pretrained(tmp_path / "float", quantization_config=config)
