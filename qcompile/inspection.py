@@ -52,29 +52,16 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """The report `qcompile inspect` prints, as plain data."""
     folder = find_checkpoint(path)
     config, qconfig = read_config(folder)
-    program = load_program(folder / (qconfig.program or PROGRAM_NAME))
     tensors = _tensor_headers(folder)
     float_bytes = torch.empty((), dtype=getattr(torch, qconfig.dtype or "bfloat16")).element_size()
-    targets = {
-        spec.arg.name: spec.target
-        for spec in program.graph_signature.input_specs
-        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER)
-    }
-    layers, ops = [], Counter()
-    for node in program.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        op = node.target._opname
-        if node.target.namespace == "qcompile":
-            ops[op] += 1
-        if not (op == "linear" or op.startswith("linear_")):
-            continue
-        weight = _weight_arg(node)
-        fqn = targets.get(getattr(weight, "name", None), "").removesuffix(".weight")
-        if not fqn:
-            continue
-        out_features = node.meta["val"].shape[-1]
-        in_features = _input(node).meta["val"].shape[-1]
+    program_path = folder / (qconfig.program or PROGRAM_NAME)
+    program = load_program(program_path) if program_path.is_file() else None
+    if program is not None:
+        shapes = _linears_of_program(program)
+    else:  # loading captures it again; the model's linears come from its config
+        shapes = {fqn: (shape, None) for fqn, shape in _linears_of_config(config).items()}
+    layers = []
+    for fqn, ((out_features, in_features), op) in shapes.items():
         scheme = qconfig.layers.get(fqn)
         stored = sum(nbytes for name, nbytes in tensors.items() if name.startswith(f"{fqn}."))
         layers.append(
@@ -92,25 +79,79 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     quantized_elements = sum(a * b for a, b in (layer["shape"] for layer in quantized))
     saved = sum(layer["bytes_unquantized"] - layer["bytes"] for layer in quantized)
     total = sum(tensors.values())
-    groups = find_groups(program.graph)
     return {
         "path": str(folder),
         "model": config.get("_class_name"),
         "recipe": qconfig.recipe.name,
         "recipe_json": json.loads(qconfig.recipe.to_json()),
         "dtype": qconfig.dtype,
+        "program": str(program_path) if program is not None else None,
         "layers": layers,
         "linears": len(layers),
         "linears_quantized": len(quantized),
         "fraction_quantized": quantized_elements / elements if elements else 0.0,
         "bytes": total,
         "bytes_unquantized": total + saved,
-        "graph": {
-            "qcompile_ops": dict(sorted(ops.items())),
-            **_quantize_sharing(program.graph),
-            "horizontal_groups": len(groups),
-            "horizontally_fused_linears": sum(len(g.nodes) for g in groups),
-        },
+        "graph": _graph_summary(program) if program is not None else None,
+    }
+
+
+def _linears_of_program(program) -> dict[str, tuple[tuple[int, int], str]]:
+    """Each linear the program runs: FQN → ((N, K), its op's name)."""
+    targets = {
+        spec.arg.name: spec.target
+        for spec in program.graph_signature.input_specs
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER)
+    }
+    found = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        op = node.target._opname
+        if not (op == "linear" or op.startswith("linear_")):
+            continue
+        weight = _weight_arg(node)
+        fqn = targets.get(getattr(weight, "name", None), "").removesuffix(".weight")
+        if fqn:
+            shape = (node.meta["val"].shape[-1], _input(node).meta["val"].shape[-1])
+            found[fqn] = (shape, op)
+    return found
+
+
+def _linears_of_config(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Each nn.Linear of the model `config` describes: FQN → (N, K), from the model
+    built on the meta device (no weights; the .pt2 is missing)."""
+    import diffusers
+
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if cls is None:
+        raise CheckpointError(
+            f"config.json names model class {config.get('_class_name')!r}, which diffusers "
+            "lacks, and the folder has no qcompile program to read the layers from"
+        )
+    with torch.device("meta"):
+        model = cls.from_config({k: v for k, v in config.items() if k != "quantization_config"})
+    return {
+        name: (module.out_features, module.in_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def _graph_summary(program) -> dict[str, Any]:
+    ops = Counter(
+        node.target._opname
+        for node in program.graph.nodes
+        if node.op == "call_function"
+        and isinstance(node.target, torch._ops.OpOverload)
+        and node.target.namespace == "qcompile"
+    )
+    groups = find_groups(program.graph)
+    return {
+        "qcompile_ops": dict(sorted(ops.items())),
+        **_quantize_sharing(program.graph),
+        "horizontal_groups": len(groups),
+        "horizontally_fused_linears": sum(len(g.nodes) for g in groups),
     }
 
 
@@ -125,18 +166,23 @@ def format_inspection(report: dict[str, Any]) -> str:
         ("weights quantized", f"{100 * report['fraction_quantized']:.1f}% of linear weights"),
         ("weight bytes, unquantized", f"{report['bytes_unquantized']:,}"),
         ("weight bytes, checkpoint", f"{report['bytes']:,} ({ratio:.2f}× smaller)"),
-        ("qcompile ops", ", ".join(f"{k} {v}" for k, v in graph["qcompile_ops"].items())),
-        (
-            "activation quantizations",
-            f"{graph['activation_quantizations']} for {graph['quantized_gemms']} GEMMs "
-            f"({graph['shared_quantizations']} shared)",
-        ),
-        (
-            "horizontal fusion",
-            f"{graph['horizontally_fused_linears']} linears in "
-            f"{graph['horizontal_groups']} GEMMs at run time",
-        ),
     ]
+    if graph is None:
+        head.append(("program", "missing: captured again from the model when it loads"))
+    else:
+        head += [
+            ("qcompile ops", ", ".join(f"{k} {v}" for k, v in graph["qcompile_ops"].items())),
+            (
+                "activation quantizations",
+                f"{graph['activation_quantizations']} for {graph['quantized_gemms']} GEMMs "
+                f"({graph['shared_quantizations']} shared)",
+            ),
+            (
+                "horizontal fusion",
+                f"{graph['horizontally_fused_linears']} linears in "
+                f"{graph['horizontal_groups']} GEMMs at run time",
+            ),
+        ]
     width = max(len(k) for k, _ in head)
     lines = [f"{k:<{width}}  {v}" for k, v in head]
     name_width = max((len(layer["layer"]) for layer in report["layers"]), default=5)
@@ -144,7 +190,7 @@ def format_inspection(report: dict[str, Any]) -> str:
     for layer in report["layers"]:
         shape = "x".join(map(str, layer["shape"]))
         lines.append(
-            f"{layer['layer']:<{name_width}}  {layer['op']:<18} {shape:>13} "
+            f"{layer['layer']:<{name_width}}  {layer['op'] or '-':<18} {shape:>13} "
             f"{layer['bytes']:>12,}  {layer['scheme']}"
         )
     return "\n".join(lines)

@@ -26,14 +26,43 @@ from qcompile.errors import CheckpointError
 _SAVE_LOCK = threading.Lock()
 
 
+# Node metadata written without machine-specific text: a stack trace names the files
+# (site-packages, the user's home) the model's code was traced from, so the same model
+# would save different bytes on two machines. Kept on the live program (error messages).
+_LOCAL_METADATA = ("stack_trace",)
+
+
 def save_program(program: ExportedProgram, path: Path) -> None:
-    """Write a weightless program (its state_dict on meta) as a standard `.pt2`."""
+    """Write a weightless program (its state_dict on meta) as a standard `.pt2`, without
+    the stack traces that would tie its bytes to this machine's paths."""
     with _SAVE_LOCK:
-        torch.export.save(program, str(path))
+        held = {}
+        for node in program.graph.nodes:
+            kept = {key: node.meta.pop(key) for key in _LOCAL_METADATA if key in node.meta}
+            if kept:
+                held[node] = kept
+        try:
+            torch.export.save(program, str(path))
+        finally:
+            for node, kept in held.items():
+                node.meta.update(kept)
+
+
+RECAPTURE_HINT = (
+    "delete it and loading captures the program again from the model (or re-save the checkpoint)"
+)
 
 
 def load_program(path: Path) -> ExportedProgram:
-    """Read a `.pt2` written by `save_program`; nothing in it is unpickled."""
+    """Read a `.pt2` written by `save_program`; nothing in it is unpickled. Every
+    failure is a CheckpointError that says a deleted `.pt2` is captured again."""
+    try:
+        return _read_program(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {RECAPTURE_HINT}") from exc.__cause__
+
+
+def _read_program(path: Path) -> ExportedProgram:
     from torch._export.serde import schema
     from torch._export.serde.serialize import (
         ExportedProgramDeserializer,
@@ -113,8 +142,7 @@ def _placeholder_inputs(program: ExportedProgram) -> tuple:
 def _refuse_pickle(path: Path, fqn: str, payload) -> None:
     if payload.use_pickle or payload.tensor_meta is None:
         raise CheckpointError(
-            f"{path}: archive member for {fqn!r} is pickled; qcompile never unpickles on "
-            "load. Re-save the checkpoint with qcompile.save."
+            f"{path}: archive member for {fqn!r} is pickled, and qcompile never unpickles on load"
         )
 
 

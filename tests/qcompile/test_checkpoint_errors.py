@@ -228,3 +228,14 @@ def test_pickled_archive_members_are_refused(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match=r"not a readable \.pt2 archive"):
         SD3Transformer2DModel.from_pretrained(ckpt)
     assert not marker.exists()
+
+
+def test_an_unreadable_program_says_deleting_it_recaptures_it(ckpt):
+    archive = ckpt / PROGRAM_NAME
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])  # truncated
+    for load in _loaders(ckpt).values():
+        with pytest.raises(CheckpointError, match="delete it and loading captures the program"):
+            load()
+    archive.unlink()  # as the message says: the load captures it again
+    model = SD3Transformer2DModel.from_pretrained(ckpt)
+    assert qcompile.runtime_of(model) is not None
