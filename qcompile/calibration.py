@@ -110,6 +110,13 @@ def capture_calibration(
             f"{type(module).__name__} is not a component of {type(pipe).__name__}; pass the "
             "submodule the pipeline runs, e.g. pipe.transformer or pipe.unet"
         )
+    state = getattr(module, "qcompile_state", None)
+    if state is not None:  # each sample would run the quantized model, for nothing
+        raise CalibrationError(
+            f"{type(module).__name__} is already quantized with {state.recipe.name!r}: "
+            "calibrate the float model (load the pipeline again without quantizing it), "
+            "then quantize that"
+        )
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise CalibrationError("no prompts given")

@@ -203,22 +203,42 @@ def _vae(**config):
     ).eval()
 
 
+def _t5(vocab_size: int, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    return T5EncoderModel(config).eval()
+
+
 def tiny_sd3_pipeline(seed: int = 0):
-    """A StableDiffusion3Pipeline (two CLIP encoders, no T5) around `tiny_sd3`."""
+    """A StableDiffusion3Pipeline around `tiny_sd3`: two CLIP encoders and a T5 encoder
+    as wide as the transformer's joint attention (SD3's layout), and a VAE with SD3's
+    latent shift and scale; it saves and loads back like a real SD3 folder."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     vocab_size = len(TINY_VOCAB) + 3
     torch.manual_seed(seed)
+    transformer = tiny_sd3(seed)
     return StableDiffusion3Pipeline(
-        transformer=tiny_sd3(seed),
+        transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_vae(),
+        vae=_vae(shift_factor=0.0609, scaling_factor=1.5305),
         text_encoder=_clip(vocab_size, 16, 16),
         tokenizer=_word_tokenizer(77),
         text_encoder_2=_clip(vocab_size, 16, 16),
         tokenizer_2=_word_tokenizer(77),
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=_t5(vocab_size, transformer.config.joint_attention_dim),
+        tokenizer_3=_word_tokenizer(77),
     )
 
 

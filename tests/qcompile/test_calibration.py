@@ -89,3 +89,34 @@ def test_a_file_that_is_not_a_calibration_set(tmp_path):
     path.write_bytes(b"not safetensors")
     with pytest.raises(qcompile.CheckpointError, match="not a qcompile calibration file"):
         CalibrationSet.load(path)
+
+
+def test_calibrating_a_quantized_model_is_refused_at_once():
+    """It ran every prompt through the quantized model (minutes to hours) before
+    `quantize` refused the already-quantized model."""
+    pipe, _, _ = _pipe("flux")
+    qcompile.quantize(pipe.transformer, "int8-wo")
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(CalibrationError, match="already quantized with 'int8-wo'"):
+        capture_calibration(pipe, pipe.transformer, ["a cat"], num_inference_steps=1)
+    assert calls == []
+
+
+def test_tiny_sd3_pipeline_saves_loads_and_decodes(tmp_path):
+    """It lacked text_encoder_3 (its folder did not load) and its VAE had no
+    shift_factor (every decode failed)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = tiny_sd3_pipeline()
+    pipe.save_pretrained(tmp_path / "sd3")
+    again = DiffusionPipeline.from_pretrained(tmp_path / "sd3")
+    assert type(again).__name__ == "StableDiffusion3Pipeline"
+    assert again.text_encoder_3 is not None and again.vae.config.shift_factor is not None
+    images = []
+    for p in (pipe, again):
+        p.set_progress_bar_config(disable=True)
+        kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="pt")
+        images.append(p("a cat", generator=torch.manual_seed(0), **kwargs).images)
+    assert images[0].shape == (1, 3, 32, 32) and torch.isfinite(images[0]).all()
+    assert torch.equal(images[0], images[1])
