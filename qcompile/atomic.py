@@ -22,6 +22,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from qcompile.errors import QCompileError
+
 logger = logging.getLogger(__name__)
 
 _AT_FDCWD = -100
@@ -40,6 +42,13 @@ def atomic_directory(
     target = Path(target).absolute()
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a directory")
+    cwd = Path.cwd().resolve()
+    if target.resolve() == cwd or target.resolve() in cwd.parents:
+        # The swap would leave this process in the old folder, which is then deleted.
+        raise QCompileError(
+            f"cannot replace {target}: it is the current working directory or holds it; "
+            "save into a subfolder (e.g. ./flux-int8) or change directory first"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.qcompile-tmp-", dir=target.parent))
     try:

@@ -10,66 +10,27 @@ import sys
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qcompile", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def run_options(p, steps: int) -> None:
-        p.add_argument("--steps", type=int, default=steps, help="denoising steps per call")
-        p.add_argument("--size", type=int, default=None, help="image height and width")
-        p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-        p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-
-    q = sub.add_parser("quantize", help="quantize a pipeline's transformer/unet and save it")
-    q.add_argument("model", help="pipeline folder (model_index.json) or Hub id")
-    q.add_argument("--recipe", required=True, help="preset name (see `qcompile recipes`)")
-    q.add_argument("--component", choices=("transformer", "unet"), default=None)
-    q.add_argument("--prompts", default=None, help="calibration prompts: .txt or .tsv")
-    q.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
-    q.add_argument("--out", default=None, help="output folder (default: <model>-<recipe>)")
-    q.add_argument(
-        "--low-memory",
-        action="store_true",
-        help="calibrate with the denoiser's weights read from disk one submodule at a time",
-    )
-    run_options(q, steps=20)
-
-    i = sub.add_parser("inspect", help="what a qcompile checkpoint holds")
-    i.add_argument("path", help="a saved pipeline folder or its quantized component's folder")
-    i.add_argument("--json", action="store_true", help="print the report as JSON")
-
-    e = sub.add_parser("eval", help="compare a quantized pipeline with its float reference")
-    e.add_argument("path", help="the quantized pipeline folder")
-    e.add_argument("--reference", required=True, help="the float pipeline folder or Hub id")
-    e.add_argument("--prompts", default=None, help="prompts: .txt or .tsv")
-    e.add_argument("--num-prompts", type=int, default=None)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--out", default=None, help="report folder (default: <path>-eval)")
-    run_options(e, steps=20)
-
-    b = sub.add_parser("bench", help="time pipeline calls, against a reference if given")
-    b.add_argument("path", help="the quantized pipeline folder")
-    b.add_argument("--reference", default=None, help="a float pipeline to time in the same run")
-    b.add_argument("--iters", type=int, default=3, help="timed calls after one warm-up")
-    b.add_argument("--out", default=None, help="write the results as JSON here")
-    run_options(b, steps=20)
-
-    demo = sub.add_parser("demo", help="quantize a tiny offline FluxPipeline and report")
-    demo.add_argument("--recipe", default="int8-wo", help="preset name (see `qcompile recipes`)")
-    demo.add_argument("--out", default="qcompile-demo", help="folder for the image")
-    demo.add_argument("--steps", type=int, default=4, help="denoising steps")
-    demo.add_argument("--size", type=int, default=64, help="image height and width")
-    demo.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    sub.add_parser("recipes", help="list the recipe presets")
-    return parser
+# What a user waits through, shown as one line each on stderr: the capture (seconds to
+# minutes on a large model) and the first torch.compile of the graph.
+PROGRESS_LOGGERS = ("qcompile.capture", "qcompile.runtime")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    """Parse `argv` (the launcher, `qcompile_cli`, holds the parser) and run it."""
+    from qcompile_cli import main as launch
 
+    return launch(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    progress = logging.StreamHandler(sys.stderr)
+    progress.setFormatter(logging.Formatter("qcompile: %(message)s"))
+    for name in PROGRESS_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(progress)
+        logger.propagate = False
     import diffusers
 
     import qcompile
@@ -80,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     except qcompile.QCompileError as exc:
         print(f"qcompile {args.command}: {exc}", file=sys.stderr)
         return 2
+    finally:
+        for name in PROGRESS_LOGGERS:
+            logger = logging.getLogger(name)
+            logger.removeHandler(progress)
+            logger.propagate = True
+            logger.setLevel(logging.NOTSET)
     return 0
 
 
@@ -88,9 +55,10 @@ def _run(args: argparse.Namespace) -> str:
     from qcompile import commands
 
     if args.command == "recipes":
-        return "\n".join(
-            f"{name:14s} {qcompile.get_recipe(name).to_json()}" for name in qcompile.list_recipes()
-        )
+        recipes = [qcompile.get_recipe(name) for name in qcompile.list_recipes()]
+        if args.json:
+            return json.dumps([recipe.to_dict() for recipe in recipes], indent=2)
+        return format_recipes(recipes)
     if args.command == "demo":
         from qcompile.demo import format_report, run_demo
 
@@ -103,7 +71,7 @@ def _run(args: argparse.Namespace) -> str:
         return json.dumps(report, indent=2) if args.json else format_inspection(report)
     run = dict(steps=args.steps, size=args.size, dtype=DTYPES[args.dtype], device=_device(args))
     if args.command == "quantize":
-        out = args.out or f"{args.model.rstrip('/').split('/')[-1]}-{args.recipe}"
+        out = args.out or commands.default_out(args.model, args.recipe)
         summary = commands.quantize_pipeline(
             args.model,
             args.recipe,
@@ -166,7 +134,27 @@ def _write_json(path: str, payload: dict) -> None:
 
 
 def _device(args: argparse.Namespace) -> str:
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from qcompile.errors import QCompileError
+
+    if args.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise QCompileError(
+            f"--device {args.device!r} is not a device ({exc}); pass e.g. cuda, cuda:1 or cpu"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+        raise QCompileError(
+            f"--device {args.device} asks for CUDA, but torch {torch.__version__} has none "
+            f"here ({build}); pass --device cpu, or install a CUDA build of torch"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise QCompileError(
+            f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here"
+        )
+    return args.device
 
 
 def _format_eval(report: dict) -> str:
@@ -175,7 +163,7 @@ def _format_eval(report: dict) -> str:
     summary = report["summary"]
     rows = [
         ("prompts", str(len(report["prompts"]))),
-        ("transformer SQNR (mean)", f"{summary['transformer_sqnr_db']:.1f} dB"),
+        (f"{report['component']} SQNR (mean)", f"{summary['transformer_sqnr_db']:.1f} dB"),
         ("image PSNR (mean)", f"{summary['image_psnr_db']:.1f} dB"),
         ("image SSIM (mean)", f"{summary['image_ssim']:.4f}"),
     ]
@@ -192,9 +180,45 @@ def _format_bench(payload: dict) -> str:
     rows = []
     for label, row in payload["rows"].items():
         peak = f", peak {row['peak_gib']:.2f} GiB" if row["peak_gib"] is not None else ""
-        speed = f" ({row['speedup']:.2f}× the reference)" if "speedup" in row else ""
+        speed = ""
+        if "speedup" in row:
+            ratio = row["speedup"]
+            speed = (
+                f" ({ratio:.2f}× faster than the reference)"
+                if ratio >= 1
+                else f" ({1 / ratio:.2f}× slower than the reference)"
+            )
+        if row.get("graph_calls") is not None:
+            speed += f", denoiser calls graph / eager {row['graph_calls']} / {row['eager_calls']}"
         rows.append((label, f"{row['seconds']:.3f} s/call{speed}{peak}"))
         rows.append((f"{label} weight bytes", f"{row['weight_bytes']:,}"))
+    return format_rows(rows)
+
+
+def format_recipes(recipes: list) -> str:
+    """One line per preset: weights, activations, and whether it needs calibration
+    (`qcompile recipes --json` prints each recipe in full)."""
+    from qcompile.commands import format_rows
+
+    def weights(recipe) -> str:
+        spec = recipe.weight
+        group = f" g{spec.group_size}" if spec.group_size else ""
+        rank = f" + rank-{recipe.rank} branch" if recipe.rank else ""
+        return f"{spec.format.value} {spec.granularity.value}{group}{rank}"
+
+    def activations(recipe) -> str:
+        spec = recipe.activation
+        if not spec.quantized:
+            return "16-bit"
+        smooth = ", smoothed" if recipe.smooth is not None else ""
+        return f"{spec.format.value} {spec.mode.value}{smooth}"
+
+    rows = []
+    for recipe in recipes:
+        needs = "needs calibration" if recipe.needs_calibration else "no calibration"
+        rows.append(
+            (recipe.name, f"weights {weights(recipe)}; activations {activations(recipe)}; {needs}")
+        )
     return format_rows(rows)
 
 

@@ -9,8 +9,10 @@ times full pipeline calls of a saved pipeline, and of a reference one in the sam
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +29,7 @@ from qcompile.errors import CheckpointError, QCompileError
 from qcompile.metrics import weight_bytes
 from qcompile.prompts import CALIBRATION_PROMPTS, load_prompts
 from qcompile.recipes import resolve_recipe
+from qcompile.runtime import runtime_of
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ def load_pipeline(
     path = check_source(source)
     try:
         pipe = DiffusionPipeline.from_pretrained(
-            source, torch_dtype=dtype, **kwargs, **(components or {})
+            source, dtype=dtype, **kwargs, **(components or {})
         )
     except (OSError, ValueError) as exc:
         where = "the folder" if path.exists() else "the Hub (offline, or a wrong id?)"
@@ -174,11 +177,81 @@ def pipeline_kwargs(size: int | None, steps: int) -> dict[str, Any]:
 
 @contextmanager
 def phase(bar: tqdm, name: str, seconds: dict[str, float]) -> Iterator[None]:
+    """Time one phase; the bar shows it on a terminal, and where there is no terminal
+    (output piped or logged, where tqdm draws nothing) a line each at its start and end."""
     bar.set_description(f"qcompile: {name}")
+    if bar.disable:
+        tqdm.write(f"qcompile: {name} ...", file=sys.stderr)
     start = time.perf_counter()
     yield
     seconds[name] = time.perf_counter() - start
+    if bar.disable:
+        tqdm.write(f"qcompile: {name} done in {seconds[name]:.1f} s", file=sys.stderr)
     bar.update()
+
+
+def default_out(source: str, recipe: str) -> str:
+    """`<model>-<recipe>` beside a local model folder (`.` is named by what it resolves
+    to), or in the current folder for a Hub id."""
+    path = Path(source)
+    if path.exists():
+        path = path.resolve()
+        return str(path.parent / f"{path.name}-{recipe}")
+    return f"{source.rstrip('/').split('/')[-1]}-{recipe}"
+
+
+def check_out(source: str, out: str | Path, recipe: str) -> Path:
+    """Refuse an output folder whose replacement would lose data: the model itself, a
+    folder holding it or the current folder, or one with files that are not a saved
+    pipeline (a pipeline folder's extra files are kept)."""
+    target = Path(out).resolve()
+    src = Path(source).resolve() if Path(source).exists() else None
+    if src is not None and (target == src or target in src.parents):
+        raise QCompileError(
+            f"--out {out} is the model folder {source} (or holds it): the quantized "
+            "pipeline replaces the output folder whole; pass a new folder, e.g. "
+            f"--out {default_out(source, recipe)}"
+        )
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise QCompileError(
+            f"--out {out} is the current folder (or holds it): the quantized pipeline "
+            f"replaces the output folder whole; pass a new folder, e.g. --out ./{recipe}"
+        )
+    if target.exists() and not target.is_dir():
+        raise QCompileError(f"--out {out} is a file; pass a folder")
+    if target.is_dir() and any(target.iterdir()) and not (target / "model_index.json").is_file():
+        raise QCompileError(
+            f"--out {out} already holds files and is not a saved pipeline (no "
+            "model_index.json); pass a new or empty folder, so that nothing in it is replaced"
+        )
+    return target
+
+
+def _pipeline_owned(target: Path) -> set[str]:
+    """What a pipeline save owns in an earlier save at `target`: its index, its README
+    and the components that index names. The user's other files are kept."""
+    owned = {"model_index.json", "README.md"}
+    try:
+        index = json.loads((target / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return owned
+    return owned | {k for k, v in index.items() if isinstance(v, list) and not k.startswith("_")}
+
+
+PIPELINE_README = """# A qcompile-quantized diffusers pipeline
+
+Its `{component}` was quantized by [qcompile](https://pypi.org/project/qcompile/) with
+the `{recipe}` recipe. Load it after `import qcompile` (without it diffusers stops with
+`Unknown quantization type, got qcompile`):
+
+```python
+import qcompile  # registers the quantizer with diffusers
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{name}")
+```
+"""
 
 
 def quantize_pipeline(
@@ -204,8 +277,9 @@ def quantize_pipeline(
     stream.
     """
     recipe_ = resolve_recipe(recipe)  # an unknown name fails before anything loads
+    target = check_out(source, out, recipe_.name)
     texts = load_prompts(prompts) if prompts else list(CALIBRATION_PROMPTS[:CALIBRATION_COUNT])
-    texts = texts[:num_prompts] if num_prompts else texts
+    texts = texts[: check_count(num_prompts, "--num-prompts")]
     seconds: dict[str, float] = {}
     # Without calibration the weights stream: each layer is quantized as it is read
     # (quantize-on-load), so the float model is never whole in memory. Calibration runs
@@ -235,12 +309,15 @@ def quantize_pipeline(
                 )
             with phase(bar, "quantize", seconds):
                 quantize(module, recipe_, calibration=calibration)
-        with phase(bar, "save", seconds), atomic_directory(out) as staging:
+        owned = _pipeline_owned(target)
+        with phase(bar, "save", seconds), atomic_directory(target, owned.__contains__) as staging:
             pipe.save_pretrained(staging)
+            readme = PIPELINE_README.format(component=name, recipe=recipe_.name, name=target.name)
+            (staging / "README.md").write_text(readme)
     state = module.qcompile_state
     return {
         "source": source,
-        "out": str(Path(out).absolute()),
+        "out": str(target),
         "component": name,
         "recipe": recipe_.name,
         "calibration_prompts": len(texts) if calibration is not None else 0,
@@ -251,6 +328,13 @@ def quantize_pipeline(
         "streamed": stream or low_memory,
         "seconds": seconds,
     }
+
+
+def check_count(count: int | None, what: str) -> int | None:
+    """A prompt count: None means all, anything else must be at least 1."""
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise QCompileError(f"{what} must be at least 1, got {count!r} (leave it out for all)")
+    return count
 
 
 def float_bytes(module: torch.nn.Module) -> int:
@@ -304,8 +388,12 @@ def bench_pipeline(
                 torch.cuda.synchronize()
             if i:  # the first call warms up (and compiles)
                 times.append(time.perf_counter() - start)
+        runtime = runtime_of(module)
         rows[label] = {
             "path": path,
+            # a denoiser that ran eager is timed too, but says so: the graph is the speed
+            "graph_calls": runtime.calls["graph"] if runtime is not None else None,
+            "eager_calls": runtime.calls["eager"] if runtime is not None else None,
             "seconds": statistics.median(times),
             "seconds_all": times,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,

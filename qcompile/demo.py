@@ -16,11 +16,15 @@ from pathlib import Path
 import torch
 
 from qcompile.api import quantize
+from qcompile.calibration import capture_calibration
 from qcompile.metrics import sqnr, weight_bytes
+from qcompile.prompts import CALIBRATION_PROMPTS
+from qcompile.recipes import resolve_recipe
 from qcompile.runtime import runtime_of
 from qcompile.tiny import tiny_flux_pipeline
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
+CALIBRATION_PROMPT_COUNT = 4  # recipes with static scales or smoothing calibrate on these
 
 
 @dataclass
@@ -78,8 +82,19 @@ def run_demo(
 
     transformer = pipe.transformer
     bytes_before = weight_bytes(transformer)
+    calibration = None
+    if resolve_recipe(recipe).needs_calibration:  # static scales or smoothing
+        with _timed(seconds, "calibrate"):
+            calibration = capture_calibration(
+                pipe,
+                transformer,
+                CALIBRATION_PROMPTS[:CALIBRATION_PROMPT_COUNT],
+                num_inference_steps=steps,
+                height=size,
+                width=size,
+            )
     with _timed(seconds, "quantize"):
-        quantize(transformer, recipe)
+        quantize(transformer, recipe, calibration=calibration)
     with torch.no_grad():
         quantized_out = transformer(**first_call["kwargs"])[0]
     runtime = runtime_of(transformer)

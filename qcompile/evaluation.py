@@ -25,7 +25,13 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from qcompile.atomic import atomic_directory
-from qcompile.commands import CALIBRATION_COUNT, component_of, load_pipeline, pipeline_kwargs
+from qcompile.commands import (
+    CALIBRATION_COUNT,
+    check_count,
+    component_of,
+    load_pipeline,
+    pipeline_kwargs,
+)
 from qcompile.errors import QCompileError
 from qcompile.metrics import psnr, sqnr, ssim
 from qcompile.modules import QuantizedLinear
@@ -50,8 +56,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Measure `source` (a quantized pipeline folder) against `reference`; write the
     report files into `out` and return the report."""
+    check_count(num_prompts, "--num-prompts")
     if prompts:
-        texts = load_prompts(prompts)[:num_prompts] if num_prompts else load_prompts(prompts)
+        texts = load_prompts(prompts)[:num_prompts]
     else:  # held out: `qcompile quantize` calibrates on the prompts before these
         held_out = CALIBRATION_PROMPTS[CALIBRATION_COUNT:]
         texts = list(held_out[: num_prompts or DEFAULT_PROMPTS])

@@ -123,7 +123,7 @@ def test_fullgraph_compile_shares_quantization_and_compiles_once_over_sizes(fami
     assert not any(name.startswith("quantize_act") for name in post_grad.counts)
 
 
-def test_reload_compiles_the_lowered_graph_on_first_call_when_asked(tmp_path):
+def test_reload_compiles_the_lowered_graph_on_first_call_when_asked(tmp_path, caplog):
     from diffusers import FluxTransformer2DModel
 
     build, held_out = HELD_OUT["flux"]
@@ -139,10 +139,15 @@ def test_reload_compiles_the_lowered_graph_on_first_call_when_asked(tmp_path):
     runtime_of(uncompiled).compile = False
     inputs = held_out(compiled)
     torch._dynamo.reset()
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+    patch = torch._dynamo.config.patch(error_on_recompile=True)
+    with torch.no_grad(), patch, caplog.at_level("INFO", logger="qcompile.runtime"):
         want = uncompiled(**inputs, return_dict=False)[0]
         got = compiled(**inputs, return_dict=False)[0]
         again = compiled(**inputs, return_dict=False)[0]  # the same graph: no recompile
+    # the first call's minutes of compiling are announced, once, and timed
+    messages = [r.getMessage() for r in caplog.records if r.name == "qcompile.runtime"]
+    assert sum("compiling FluxTransformer2DModel's lowered graph" in m for m in messages) == 1
+    assert sum(m.startswith("compiled in ") for m in messages) == 1
     assert runtime_of(compiled).last_path == "graph"
     assert len(runtime_of(compiled)._compiled) == 1 and not runtime_of(uncompiled)._compiled
     assert qcompile.sqnr(want, got) > MIN_SQNR_COMPILED_VS_EAGER_DB

@@ -205,3 +205,85 @@ def test_quantize_warns_before_loading_a_denoiser_that_may_not_fit(folders, capl
     (record,) = caplog.records
     assert "float transformer whole needs about" in record.getMessage()
     assert "0.0 GiB is free on cpu: pass --low-memory" in record.getMessage()
+
+
+def _console(args: list[str], cwd) -> subprocess.CompletedProcess:
+    exe = shutil.which("qcompile")
+    assert exe, "the qcompile console script is not installed (pip install -e .)"
+    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_out_dot_in_a_project_folder_is_refused_and_nothing_is_lost(tmp_path, folders):
+    """`--out .` swapped the working folder for the pipeline and deleted the user's
+    files, then crashed; now it is refused before anything loads."""
+    source, _ = folders
+    project = tmp_path / "project"
+    (project / "myproject").mkdir(parents=True)
+    (project / "dataset.csv").write_text("a,b\n1,2\n")
+    (project / "myproject" / "train.py").write_text("print('hi')\n")
+    done = _console(["quantize", str(source), "--recipe", "int8-wo", "--out", ".", *RUN], project)
+    assert done.returncode == 2, done.stderr
+    assert "is the current folder" in done.stderr and "Traceback" not in done.stderr
+    assert (project / "dataset.csv").read_text() == "a,b\n1,2\n"
+    assert (project / "myproject" / "train.py").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no staging left
+
+
+def test_quantize_dot_writes_beside_the_model_folder_with_phase_lines(tmp_path, folders):
+    """`qcompile quantize .` wrote a hidden ./.-int8-wo; piped output had no progress;
+    every command printed diffusers' torch_dtype FutureWarning."""
+    source, _ = folders
+    model = tmp_path / "flux-tiny"
+    shutil.copytree(source, model)
+    done = _console(["quantize", ".", "--recipe", "int8-wo", *RUN], model)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "flux-tiny-int8-wo"
+    assert (out / "model_index.json").is_file() and not list(model.glob(".*int8-wo*"))
+    assert "FutureWarning" not in done.stderr
+    for line in (
+        "qcompile: load and quantize ...",
+        "qcompile: capturing FluxTransformer2DModel with torch.export ...",
+        "qcompile: save done in",
+    ):
+        assert line in done.stderr, done.stderr
+    readme = (out / "README.md").read_text()  # the folder says how to load it
+    assert "import qcompile" in readme and "int8-wo" in readme
+
+
+@pytest.mark.parametrize("where", ["source", "parent", "not-a-pipeline"])
+def test_out_that_would_replace_data_is_refused(tmp_path, folders, capsys, where):
+    source, _ = folders
+    out = {"source": source, "parent": source.parent, "not-a-pipeline": tmp_path}[where]
+    (tmp_path / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in source.iterdir())
+    assert main(["quantize", str(source), "--recipe", "int8-wo", "--out", str(out), *RUN]) == 2
+    assert "pass a new" in capsys.readouterr().err
+    assert sorted(p.name for p in source.iterdir()) == before
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_quantize_over_an_earlier_pipeline_save_keeps_other_files(tmp_path, folders, capsys):
+    source, quantized = folders
+    out = tmp_path / "again"
+    shutil.copytree(quantized, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "samples").mkdir()
+    (out / "samples" / "a.png").write_bytes(b"png")
+    assert main(["quantize", str(source), "--recipe", "int8-wo", "--out", str(out), *RUN]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "samples" / "a.png").is_file()
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert config["quantization_config"]["recipe"]["name"] == "int8-wo"  # replaced
+
+
+def test_inspect_reads_a_checkpoint_whose_program_is_missing(tmp_path, folders, capsys):
+    """Loading captures a missing .pt2 again, so inspect reads the layers from the
+    model's config instead of failing."""
+    _, quantized = folders
+    copy = tmp_path / "q"
+    shutil.copytree(quantized, copy)
+    (copy / "transformer" / "qcompile_program.pt2").unlink()
+    assert main(["inspect", str(copy)]) == 0
+    table = _table(capsys.readouterr().out)
+    assert table["program"] == "missing: captured again from the model when it loads"
+    assert table["linears quantized"] == "40 of 50"
+    assert table["transformer_blocks.0.attn.to_q"].split()[:2] == ["-", "64x64"]
