@@ -20,6 +20,7 @@ from torch import nn
 
 from qcompile.calibration import as_calibration_set
 from qcompile.capture import Capture, capture, example_inputs_of
+from qcompile.checkpoint import align_cpu_tensors
 from qcompile.errors import CaptureError, NoLinearSelectedError, QCompileError, RecipeError
 from qcompile.families import ModelFamily, detect_family, keep_in_fp32_globs
 from qcompile.matcher import CallMatcher
@@ -109,6 +110,10 @@ def quantize(
         example_inputs = samples.samples[0]
     module.eval().requires_grad_(False)
     offloaded = detach_offload(module)  # accelerate keeps the weights elsewhere
+    # Before observation: the scales calibrated from a from_pretrained model (weights
+    # mmap'd misaligned) differed in the last bit from those of the same weights
+    # loaded otherwise (offloaded, or in memory).
+    align_cpu_tensors(module)
     try:
         load = offloaded.load if offloaded is not None else None
         captured = _capture(module, family, example_inputs, offloaded)
@@ -246,8 +251,6 @@ def attach(
     matcher: CallMatcher | None = None,
 ) -> None:
     """Install the graph runtime and qcompile's state on a module with quantized linears."""
-    from qcompile.checkpoint import align_cpu_tensors
-
     align_cpu_tensors(module)  # so that it computes bit for bit as its reload will
     runtime = None
     if captured is not None:

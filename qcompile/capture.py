@@ -212,8 +212,15 @@ def example_inputs_of(
                 limits = {"min": int(bounds[expr].lower)}
                 if upper is not None:
                     limits["max"] = upper
-                spec[i] = dims.setdefault(expr, Dim(f"dim{len(dims)}", **limits))
-            else:  # derived (2 * s0, ...): torch.export finds the relation again
+                # A dim that reaches 1 was declared by name (capture widens batch-like
+                # dims so); the others were left to Dim.AUTO, and stay so: torch.export
+                # finds their relations again (a height divisible by the UNet's
+                # downsampling), which a named Dim would have to spell out.
+                if limits["min"] <= 1:
+                    spec[i] = dims.setdefault(expr, Dim(f"dim{len(dims)}", **limits))
+                else:
+                    spec[i] = Dim.AUTO(**limits)
+            else:  # derived (2 * s0, ...)
                 spec[i] = Dim.AUTO
         if value.is_floating_point():
             tensor = torch.randn(shape, generator=gen).to(dtype)

@@ -31,7 +31,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
-from qcompile.checkpoint import weight_files
+from qcompile.checkpoint import aligned, weight_files
 from qcompile.errors import CheckpointError, QCompileError
 from qcompile.memory import release_freed_memory
 from qcompile.runtime import retarget_devices
@@ -90,7 +90,7 @@ class Offloaded:
             _note_read(value)
             if like is not None and value.is_floating_point():
                 value = value.to(like.dtype)
-            return value.to(self.device)
+            return aligned(value.to(self.device))  # computes as the model in memory does
         raise KeyError(f"{fqn} is on the meta device and no accelerate weights map holds it")
 
 

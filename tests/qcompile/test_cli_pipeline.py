@@ -287,3 +287,21 @@ def test_inspect_reads_a_checkpoint_whose_program_is_missing(tmp_path, folders, 
     assert table["program"] == "missing: captured again from the model when it loads"
     assert table["linears quantized"] == "40 of 50"
     assert table["transformer_blocks.0.attn.to_q"].split()[:2] == ["-", "64x64"]
+
+
+def test_a_misspelled_recipe_in_a_pipeline_config_is_named_with_a_suggestion(folders):
+    """A recipe name the user wrote is not a damaged checkpoint: the load says which
+    names exist, as the CLI does."""
+    from diffusers import DiffusionPipeline
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    from qcompile.errors import RecipeError
+
+    config = PipelineQuantizationConfig(
+        quant_backend="qcompile",
+        quant_kwargs={"recipe": "int8-w0"},
+        components_to_quantize=["transformer"],
+    )
+    with pytest.raises(RecipeError, match="did you mean 'int8-wo'") as error:
+        DiffusionPipeline.from_pretrained(folders[0], quantization_config=config)
+    assert "config.json" not in str(error.value)
