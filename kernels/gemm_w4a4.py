@@ -43,7 +43,7 @@ from qcompile.kernels.numerics import (
     unpack_nibbles,
 )
 from qcompile.kernels.quantize_act_4bit import FORMAT_ID, quantize_act_4bit
-from qcompile.kernels.tuning import Tuner, config, m_bucket
+from qcompile.kernels.tuning import ROWS, Tuner, config, m_bucket, tunes
 
 NVFP4_BLOCK_K = 64  # four NVFP4 blocks per 16-bit MMA step
 
@@ -61,8 +61,12 @@ _TUNER = Tuner(
     ],
 )
 
+# Float32 activations (never tuned): the default's 4 warps spill MXFP4's float32 branch
+# and epilogue on sm_89; 8 warps halve each thread's share of the tile.
+_FLOAT32 = config(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3)
 
-@triton.jit
+
+@triton.jit(do_not_specialize=ROWS)
 def _w4a4_kernel(
     # pointers
     a_ptr,
@@ -190,5 +194,8 @@ def linear_w4a4(
 
     if m:
         key = (m_bucket(m), n, k, fmt, g, rank, x.dtype)
-        launch(_TUNER.pick(key, x.device, launch))
+        if x.dtype is torch.float32:
+            launch(_FLOAT32)
+        else:
+            launch(_TUNER.pick(key, x.device, launch, tune=tunes(x.dtype, k, n)))
     return y.view(*x.shape[:-1], n)

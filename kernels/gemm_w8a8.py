@@ -19,7 +19,7 @@ import triton.language as tl
 
 from qcompile.kernels.gemm_parts import GROUP_M, finish, grid_2d, tile
 from qcompile.kernels.numerics import alloc, ptr, rows_view
-from qcompile.kernels.tuning import Tuner, config, m_bucket
+from qcompile.kernels.tuning import ROWS, Tuner, config, m_bucket, tunes
 
 _TUNER = Tuner(
     "linear_w8a8",
@@ -35,7 +35,7 @@ _TUNER = Tuner(
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROWS)
 def _w8a8_kernel(
     # pointers
     a_ptr,
@@ -137,5 +137,5 @@ def linear_w8a8(
 
     if m:
         key = (m_bucket(m), n, k, a.dtype, a_scale.numel() > 1, w_scale.numel() > 1)
-        launch(_TUNER.pick(key, x_q.device, launch))
+        launch(_TUNER.pick(key, x_q.device, launch, tune=tunes(out_dtype, k, n)))
     return y.view(*x_q.shape[:-1], n)

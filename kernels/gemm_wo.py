@@ -42,7 +42,7 @@ from qcompile.kernels.numerics import (
     unpack_nibbles,
 )
 from qcompile.kernels.quantize_act_4bit import quantize_act_4bit
-from qcompile.kernels.tuning import Tuner, config, m_bucket
+from qcompile.kernels.tuning import ROWS, Tuner, config, m_bucket, tunes
 
 WEIGHT_FORMAT_ID = {"int8": 0, "fp8": 1, "int4": 2, "mxfp4": 3, "nvfp4": 4}
 
@@ -62,8 +62,12 @@ _TUNER = Tuner(
     ],
 )
 
+# Float32 activations (never tuned): the IEEE float32 dot holds whole K rows per thread,
+# so a 64-wide K step spills on sm_90 at every width; 16 keeps it under 140 registers.
+_FLOAT32 = config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)
 
-@triton.jit
+
+@triton.jit(do_not_specialize=ROWS)
 def _weight_only_kernel(
     # pointers
     x_ptr,
@@ -198,5 +202,8 @@ def linear_weight_only(
 
     if m:
         key = (m_bucket(m), n, k, fmt, g, rank, x.dtype)
-        launch(_TUNER.pick(key, x.device, launch))
+        if x.dtype is torch.float32:
+            launch(_FLOAT32)
+        else:
+            launch(_TUNER.pick(key, x.device, launch, tune=tunes(x.dtype, k, n)))
     return y.view(*x.shape[:-1], n)

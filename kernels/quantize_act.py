@@ -17,7 +17,7 @@ import triton.language as tl
 
 from qcompile.kernels.numerics import alloc, cast_rne, rne, round_e4m3, rows_view
 from qcompile.kernels.reference.act import qmax
-from qcompile.kernels.tuning import Tuner, config, m_bucket
+from qcompile.kernels.tuning import ROWS, Tuner, config, m_bucket, tunes
 
 # One program per BLOCK_M rows; K in chunks of BLOCK_K (two passes for dynamic scales:
 # the row's amax, then the codes; the second pass reads x from L2).
@@ -32,7 +32,7 @@ _TUNER = Tuner(
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROWS)
 def _quantize_rows_kernel(
     # pointers
     x_ptr,
@@ -97,7 +97,8 @@ def _quantize(
         )  # fmt: skip
 
     if m:
-        launch(_TUNER.pick((m_bucket(m), k, dynamic), x.device, launch))
+        tune = tunes(x.dtype, k)
+        launch(_TUNER.pick((m_bucket(m), k, dynamic), x.device, launch, tune=tune))
     return q.view(*x.shape[:-1], k), scale.view(*x.shape[:-1], 1) if dynamic else scale
 
 
@@ -114,7 +115,7 @@ def quantize_act_dynamic(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
 # ---------------------------------------------------------------- smoothing
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROWS)
 def _smooth_kernel(
     x_ptr,
     factors_ptr,

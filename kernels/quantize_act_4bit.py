@@ -39,7 +39,7 @@ from qcompile.kernels.numerics import (
     rows_view,
 )
 from qcompile.kernels.reference import fp4
-from qcompile.kernels.tuning import Tuner, config, m_bucket
+from qcompile.kernels.tuning import ROWS, Tuner, config, m_bucket, tunes
 
 FORMAT_ID = {None: 0, "int4": 1, "mxfp4": 2, "nvfp4": 3}
 SCALE_DTYPE = {"int4": torch.float32, "mxfp4": torch.uint8, "nvfp4": torch.float8_e4m3fn}
@@ -57,6 +57,11 @@ _TUNER = Tuner(
     ],
 )
 
+# Float32 activations (never tuned): 16-row float32 tiles spill a few bytes on sm_89/90
+# (around the IEEE division's slow path) on Triton 3.6 or 3.9 whatever the warps; 8 rows
+# and one stage are clean on both (scripts/aot_check.py).
+_FLOAT32 = config(BLOCK_M=8, BLOCK_K=64, num_warps=4, num_stages=1)
+
 
 class Act4(NamedTuple):
     """What the activation pass hands the GEMM (format fields None without a format)."""
@@ -67,7 +72,7 @@ class Act4(NamedTuple):
     lora_act: torch.Tensor | None  # float32 [M, R]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROWS)
 def _amax_kernel(
     x_ptr,
     smooth_ptr,
@@ -94,7 +99,7 @@ def _amax_kernel(
     tl.store(partial_ptr + tl.program_id(0), tl.max(amax, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROWS)
 def _act_4bit_kernel(
     # pointers
     x_ptr,
@@ -193,13 +198,16 @@ def _act_4bit_kernel(
 
 def nvfp4_global_scale(x2: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
     """max|x / smooth| / (6 · 448) over the whole activation (1 when it is all zero)."""
-    block_m, block_k = 64, 256
+    # 32 values a thread: unaligned rows load element by element (a 64-bit address
+    # each), and 64 × 256 spilled there on sm_90
+    block_m, block_k, warps = 16, 256, 4
     programs = max(triton.cdiv(x2.shape[0], block_m), 1)
     partial = torch.zeros(programs, dtype=torch.float32, device=x2.device)
     if x2.shape[0]:
         _amax_kernel[(programs,)](
             x2, ptr(smooth, x2), partial, x2.shape[0], x2.shape[1],
             x2.stride(0), HAS_SMOOTH=smooth is not None, BLOCK_M=block_m, BLOCK_K=block_k,
+            num_warps=warps,
         )  # fmt: skip
     top = partial.max()
     return torch.where(top > 0, top / NVFP4_GLOBAL_DIVISOR, torch.ones_like(top))
@@ -250,6 +258,10 @@ def quantize_act_4bit(
     def valid(c):
         return c.meta["BLOCK_K"] % g == 0
 
-    chosen = _TUNER.pick((m_bucket(m), k, rank, fmt, g), device, launch, valid)
+    key = (m_bucket(m), k, rank, fmt, g)
+    if x2.dtype is torch.float32:
+        chosen = _FLOAT32
+    else:
+        chosen = _TUNER.pick(key, device, launch, valid, tune=tunes(x2.dtype, k))
     launch(chosen.at_least(BLOCK_K=g))  # a group wider than the default's BLOCK_K
     return Act4(packed, scale, global_scale, lora_act)

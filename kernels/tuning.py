@@ -10,7 +10,14 @@ default config (with a warning to warm up first) and is tuned on its next eager 
 key's decision is then one dictionary lookup per launch).
 
 Shape keys bucket M (tokens × batch) to a power of two, so a model whose token count
-varies is tuned once per bucket, not once per length.
+varies is tuned once per bucket, not once per length; and no kernel specializes on M
+(``ROWS``), so a new token count never compiles again either (Triton would otherwise
+compile M = 1, M a multiple of 16 and any other M apart).
+
+Only launches that can use the candidates are tuned (``tunes``): 16-bit activations and
+sizes that are multiples of 16. Float32 activations (a float32 model's precision path,
+not a speed path) and unaligned sizes (rows load element by element; the wide candidates
+spill there) run the default config.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import torch
 log = logging.getLogger(__name__)
 
 HOPPER = (9, 0)
+# The row count of every kernel: not specialized (see the module docstring).
+ROWS = ["M"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,11 @@ def config(num_warps: int = 4, num_stages: int = 3, **meta: int) -> Config:
 def m_bucket(m: int) -> int:
     """Power-of-two bucket of M for shape keys (1, 2, 4, …, capped at 16384)."""
     return min(1 << max(0, math.ceil(math.log2(max(m, 1)))), 16384)
+
+
+def tunes(dtype: torch.dtype, *sizes: int) -> bool:
+    """Whether a launch with activations of `dtype` and these sizes (K, N) is tuned."""
+    return dtype is not torch.float32 and all(size % 16 == 0 for size in sizes)
 
 
 def autotune_enabled() -> bool:
@@ -82,11 +96,14 @@ class Tuner:
         device: torch.device,
         launch: Callable[[Config], object],
         valid: Callable[[Config], bool] = lambda c: True,
+        tune: bool = True,
     ) -> Config:
+        """The config for `key` on `device`: the default unless `tune` and on sm_90 with
+        candidates that are `valid`, then the fastest of those (timed once per key)."""
         picked = self._picked.get((device.type, device.index, *key))
         if picked is not None:
             return picked
-        candidates = [c for c in self.candidates(device) if valid(c)]
+        candidates = [c for c in self.candidates(device) if valid(c)] if tune else []
         if not candidates:
             return self._remember(device, key, self.default)
         if torch.cuda.is_current_stream_capturing():

@@ -7,12 +7,14 @@ This gate compiles each launch for sm_90, sm_89 and sm_80 with ``triton.compile`
 ``GPUTarget`` and fails on a compile error or shared memory over the target's limit.
 
 What is compiled is what the launchers launch, collected by running them: each launcher
-in ``qcompile.kernels`` is called on CPU tensors of one representative Flux shape while
-a stand-in driver reports the target and Triton's ``jit_cache_hook`` records each launch
-(signature, specialization, constexprs, num_warps/stages) instead of compiling it. The
-tuner is asked for every config it may launch on the target (the default everywhere,
-the candidates on sm_90), and ops that run their reference below sm_89 (FP8, MXFP4,
-NVFP4: see ``qcompile.kernels.cuda``) are not collected there.
+in ``qcompile.kernels`` is called on CPU tensors of every shape in ``SHAPES`` (a Flux
+linear, M from 1 to 16, an odd shape) in bfloat16, float16 and float32 while a stand-in
+driver reports the target and Triton's ``jit_cache_hook`` records each launch
+(signature, specialization, constexprs, num_warps/stages) instead of compiling it;
+launches that compile alike are compiled once. The tuner is asked for every config it
+may launch on the target (the default everywhere, the candidates on sm_90 where the
+launch is tuned), and ops that run their reference below sm_89 (FP8, MXFP4, NVFP4: see
+``qcompile.kernels.cuda``) are not collected there.
 
 Each compiled kernel reports shared memory (from the compiler), registers and spills
 (ptxas' log) and the MMA instructions in its PTX; the gate also fails when a kernel that
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -57,9 +60,22 @@ from qcompile.kernels.tuning import HOPPER, Tuner
 
 # Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes.
 SHARED_LIMIT = {90: 232_448, 89: 101_376, 80: 166_912}
-# One representative Flux-sized launch: M tokens × K → N, the SVDQuant rank.
-M, K, N, RANK = 4096, 3072, 3072, 32
-DTYPES = (torch.bfloat16, torch.float16)
+# The shapes each launcher is collected at, M tokens × K → N: a Flux-sized linear (the
+# tuner's candidates), the small M of batched decode-like calls and classifier-free
+# guidance, and the odd shape of the test suite (no dim a multiple of 16). Launches
+# that compile the same (M is not specialized, see gemm_parts.py) are compiled once.
+SHAPES = {
+    "flux": (4096, 3072, 3072),
+    "m1": (1, 3072, 3072),
+    "m2": (2, 3072, 3072),
+    "m4": (4, 3072, 3072),
+    "m8": (8, 3072, 3072),
+    "m16": (16, 3072, 3072),
+    "odd": (69, 200, 70),
+}
+RANK = 32  # the SVDQuant rank
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # The MMA each GEMM must run on sm_90 for tiles of 64+ rows (Hopper's warpgroup MMA;
 # the 4-bit formats unpack to 8-bit operands, NVFP4 to bfloat16: see gemm_w4a4.py).
 WGMMA_REQUIRED = {
@@ -159,7 +175,7 @@ class StandInDriver:
         return 0
 
 
-def collect(cc: int, only: set[str]) -> list[Launch]:
+def collect(cc: int, only: set[str], shapes: Sequence[str] = tuple(SHAPES)) -> list[Launch]:
     """Run every launcher as the CUDA dispatch would on `cc`; record each launch."""
     launches: list[Launch] = []
     case = ""
@@ -180,8 +196,8 @@ def collect(cc: int, only: set[str]) -> list[Launch]:
         )
         return True  # skip compiling and launching
 
-    def every_config(tuner, key, device, launch, valid=lambda c: True):
-        if capability(cc) == HOPPER:
+    def every_config(tuner, key, device, launch, valid=lambda c: True, tune=True):
+        if capability(cc) == HOPPER and tune:
             for candidate in tuner.hopper:
                 if valid(candidate):
                     launch(candidate)
@@ -192,14 +208,16 @@ def collect(cc: int, only: set[str]) -> list[Launch]:
     triton.knobs.runtime.jit_cache_hook = record
     try:
         with mock.patch.object(Tuner, "pick", every_config), torch.no_grad():
-            for name, run in launcher_cases(cc):
+            for name, run in launcher_cases(cc, shapes):
                 if only and not any(word in name for word in only):
                     continue
                 case = name
                 run()
     finally:
         triton.knobs.runtime.jit_cache_hook = previous_hook  # (no driver to go back to)
-    unique = {launch.identity(): launch for launch in launches}
+    unique: dict[tuple, Launch] = {}
+    for launch in launches:  # named after the first case that launches it
+        unique.setdefault(launch.identity(), launch)
     return list(unique.values())
 
 
@@ -207,65 +225,73 @@ def capability(cc: int) -> tuple[int, int]:
     return cc // 10, cc % 10
 
 
-def launcher_cases(cc: int):
-    """(name, call) for every launcher × format × dtype the CUDA dispatch runs on `cc`."""
+def launcher_cases(cc: int, shapes: Sequence[str] = tuple(SHAPES)):
+    """(name, call) for every launcher × format × dtype the CUDA dispatch runs on `cc`,
+    at each of `shapes`."""
     fp8 = capability(cc) >= cuda_ops.FP8_CAPABILITY
 
     def runs(fmt: str) -> bool:
         return fp8 or fmt not in cuda_ops.FP8_FORMATS
 
-    for dtype in DTYPES:
-        dt = "bf16" if dtype is torch.bfloat16 else "fp16"
-        x = torch.zeros(M, K, dtype=dtype)
-        bias = torch.zeros(N, dtype=dtype)
-        down, up = torch.zeros(RANK, K, dtype=dtype), torch.zeros(N, RANK, dtype=dtype)
-        smooth = torch.ones(K, dtype=torch.float32)
-        for fmt, qdtype in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
-            if not runs(fmt):
-                continue
-            one = torch.ones(())
-            yield (
-                f"quantize_act {fmt} {dt} static",
-                partial(quantize_act.quantize_act_static, x, one, qdtype),
-            )
-            yield (
-                f"quantize_act {fmt} {dt} dynamic",
-                partial(quantize_act.quantize_act_dynamic, x, qdtype),
-            )
-            x_q, w_q = torch.zeros(M, K, dtype=qdtype), torch.zeros(N, K, dtype=qdtype)
-            # the presets' scale layouts: static per-tensor × per-channel, dynamic per-row
-            for scales, x_scale in (("static", one), ("dynamic", torch.ones(M, 1))):
-                yield (
-                    f"w8a8 {fmt} {dt} {scales}",
-                    partial(gemm_w8a8.linear_w8a8, x_q, x_scale, w_q, torch.ones(N), bias, dtype),
-                )
-        yield f"smooth - {dt}", partial(quantize_act.smooth, x, smooth)
-        for fmt, group, lora in WEIGHT_ONLY:
-            if runs(fmt):
-                weight, scale, global_scale = weight_operands(fmt, group)
-                branch = (down, up) if lora else (None, None)
-                yield f"weight_only {fmt} {dt} g{group}{' lora' if lora else ''}", partial(
-                    gemm_wo.linear_weight_only,
-                    x, weight, scale, global_scale, bias, *branch, fmt, group,
-                )  # fmt: skip
-        for fmt, group in W4A4:
-            if runs(fmt):
-                weight, scale, global_scale = weight_operands(fmt, group)
-                yield f"w4a4 {fmt} {dt} g{group}", partial(
-                    gemm_w4a4.linear_w4a4,
-                    x, weight, scale, global_scale, bias, smooth, down, up, fmt, group,
-                )  # fmt: skip
+    for shape in shapes:
+        for dtype in DTYPES:
+            yield from _cases(shape, *SHAPES[shape], dtype, runs)
 
 
-def weight_operands(fmt: str, group: int):
+def _cases(shape: str, M: int, K: int, N: int, dtype: torch.dtype, runs):
+    """The launcher calls at one shape and activation dtype."""
+    dt = f"{DTYPE_NAMES[dtype]} {shape}"
+    x = torch.zeros(M, K, dtype=dtype)
+    bias = torch.zeros(N, dtype=dtype)
+    down, up = torch.zeros(RANK, K, dtype=dtype), torch.zeros(N, RANK, dtype=dtype)
+    smooth = torch.ones(K, dtype=torch.float32)
+    for fmt, qdtype in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
+        if not runs(fmt):
+            continue
+        one = torch.ones(())
+        yield (
+            f"quantize_act {fmt} {dt} static",
+            partial(quantize_act.quantize_act_static, x, one, qdtype),
+        )
+        yield (
+            f"quantize_act {fmt} {dt} dynamic",
+            partial(quantize_act.quantize_act_dynamic, x, qdtype),
+        )
+        x_q, w_q = torch.zeros(M, K, dtype=qdtype), torch.zeros(N, K, dtype=qdtype)
+        # the presets' scale layouts: static per-tensor × per-channel, dynamic per-row
+        for scales, x_scale in (("static", one), ("dynamic", torch.ones(M, 1))):
+            yield (
+                f"w8a8 {fmt} {dt} {scales}",
+                partial(gemm_w8a8.linear_w8a8, x_q, x_scale, w_q, torch.ones(N), bias, dtype),
+            )
+    yield f"smooth - {dt}", partial(quantize_act.smooth, x, smooth)
+    for fmt, group, lora in WEIGHT_ONLY:
+        if runs(fmt):
+            weight, scale, global_scale = weight_operands(fmt, group, N, K)
+            branch = (down, up) if lora else (None, None)
+            yield f"weight_only {fmt} {dt} g{group}{' lora' if lora else ''}", partial(
+                gemm_wo.linear_weight_only,
+                x, weight, scale, global_scale, bias, *branch, fmt, group,
+            )  # fmt: skip
+    for fmt, group in W4A4:
+        if runs(fmt):
+            weight, scale, global_scale = weight_operands(fmt, group, N, K)
+            yield f"w4a4 {fmt} {dt} g{group}", partial(
+                gemm_w4a4.linear_w4a4,
+                x, weight, scale, global_scale, bias, smooth, down, up, fmt, group,
+            )  # fmt: skip
+
+
+def weight_operands(fmt: str, group: int, N: int, K: int):
     """Packed weight, scale and global scale of `fmt` in the checkpoint's dtypes."""
     if fmt in ("int8", "fp8"):
         dtype = torch.int8 if fmt == "int8" else torch.float8_e4m3fn
         return torch.zeros(N, K, dtype=dtype), torch.ones(N), None
     scale_dtype = {"int4": torch.float32, "mxfp4": torch.uint8, "nvfp4": torch.float8_e4m3fn}
-    scale = torch.ones(N, K // group).to(scale_dtype[fmt])
+    groups = -(-K // group)  # K padded to the group, as the checkpoint packs it
+    scale = torch.ones(N, groups).to(scale_dtype[fmt])
     global_scale = torch.ones(()) if fmt == "nvfp4" else None
-    return torch.zeros(N, K // 2, dtype=torch.uint8), scale, global_scale
+    return torch.zeros(N, groups * group // 2, dtype=torch.uint8), scale, global_scale
 
 
 # ---------------------------------------------------------------- compilation
@@ -355,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cc", type=int, nargs="+", default=[90, 89, 80])
     parser.add_argument("--only", nargs="*", default=[], help="cases whose name has a word")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--json", type=Path, help="write every launch's result here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--collect-only", action="store_true")
@@ -366,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"expected {args.triton}")  # fmt: skip
 
     start = time.perf_counter()
-    launches = [launch for cc in args.cc for launch in collect(cc, set(args.only))]
+    launches = [launch for cc in args.cc for launch in collect(cc, set(args.only), args.shapes)]
     print(f"collected {len(launches)} launches in {time.perf_counter() - start:.1f} s")
     if args.collect_only:
         for launch in launches:
@@ -391,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "triton": triton.__version__,
             "torch": torch.__version__,
-            "shape": {"M": M, "K": K, "N": N, "rank": RANK},
+            "shapes": {name: dict(zip("MKN", mkn, strict=True)) for name, mkn in SHAPES.items()},
+            "rank": RANK,
             "shared_limit": SHARED_LIMIT,
             "summary": rows,
             "launches": [

@@ -33,6 +33,17 @@ def test_tuner_uses_the_default_off_hopper():
     assert launched == [] and tuner.best == {}
 
 
+def test_only_16_bit_aligned_launches_are_tuned():
+    assert tuning.tunes(torch.bfloat16, 3072, 12288) and tuning.tunes(torch.float16, 16)
+    assert not tuning.tunes(torch.float32, 3072, 3072)  # float32: precision, not speed
+    assert not tuning.tunes(torch.bfloat16, 200, 3072)  # unaligned K: the wide tiles spill
+    tuner = tuning.Tuner("probe", tuning.config(BLOCK=1), [tuning.config(BLOCK=2)])
+    launched = []
+    device = torch.device("cpu")
+    assert tuner.pick(("k",), device, launched.append, tune=False) == tuner.default
+    assert launched == []
+
+
 def test_m_buckets_and_config_floors():
     assert [tuning.m_bucket(m) for m in (1, 2, 3, 512, 4097, 10**6)] == [1, 2, 4, 512, 8192, 16384]
     c = tuning.config(num_warps=8, BLOCK_K=64, BLOCK_M=16)
