@@ -5,12 +5,16 @@ is the upstream `QuantizationTesterMixin` / `QuantizationCompileTesterMixin` met
 the same name; each `test_qcompile_*` is the upstream `test_torchao_*` (or, where
 torchao has none, `test_bnb_*`) test that calls it, with qcompile's config. Models are
 tiny and built in code (a float folder per family, saved once); `torch_device` is CUDA
-when there is one, else the CPU. Deliberate divergences are marked DIVERGENCE.
+when there is one, else the CPU. Deliberate divergences are marked DIVERGENCE; one holds
+for the whole file: upstream loads a fresh quantized model in every test, here the tests
+that only read it (parameter counts, footprint, layers, config, inference, saving) share
+one load per class and config, and every test that changes its model loads its own.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 from typing import ClassVar
 
 import pytest
@@ -83,6 +87,17 @@ class QuantizationTesterMixin:
             self._float_folder, quantization_config=config, **extra_kwargs
         )
 
+    def _shared_quantized_model(self, config_kwargs):
+        """One quantized load per class and config, for the tests that only read it."""
+        cls = type(self)
+        shared = cls.__dict__.get("_shared_models")
+        if shared is None:
+            shared = cls._shared_models = {}
+        key = json.dumps(config_kwargs, sort_keys=True)
+        if key not in shared:
+            shared[key] = self._create_quantized_model(config_kwargs)
+        return shared[key]
+
     def _load_unquantized_model(self):
         return self.model_class.from_pretrained(self._float_folder)
 
@@ -99,18 +114,18 @@ class QuantizationTesterMixin:
     # ----------------------------------------------------------- upstream tests
     def _test_quantization_num_parameters(self, config_kwargs):
         num_params = self._load_unquantized_model().num_parameters()
-        num_params_quantized = self._create_quantized_model(config_kwargs).num_parameters()
+        num_params_quantized = self._shared_quantized_model(config_kwargs).num_parameters()
         assert num_params == num_params_quantized
 
     def _test_quantization_memory_footprint(self, config_kwargs, expected_memory_reduction):
         mem = self._load_unquantized_model().get_memory_footprint()
-        mem_quantized = self._create_quantized_model(config_kwargs).get_memory_footprint()
+        mem_quantized = self._shared_quantized_model(config_kwargs).get_memory_footprint()
         ratio = mem / mem_quantized
         assert ratio >= expected_memory_reduction, (ratio, mem, mem_quantized)
 
     @torch.no_grad()
     def _test_quantization_inference(self, config_kwargs):
-        model_quantized = self._create_quantized_model(config_kwargs)
+        model_quantized = self._shared_quantized_model(config_kwargs)
         model_quantized.to(torch_device)
         output = model_quantized(**self.get_dummy_inputs(), return_dict=False)[0]
         assert output is not None and not torch.isnan(output).any()
@@ -145,7 +160,7 @@ class QuantizationTesterMixin:
 
     @torch.no_grad()
     def _test_quantization_serialization(self, config_kwargs, tmp_path):
-        model = self._create_quantized_model(config_kwargs)
+        model = self._shared_quantized_model(config_kwargs)
         model.save_pretrained(str(tmp_path), safe_serialization=True)
         model_loaded = self.model_class.from_pretrained(str(tmp_path))
         output = model_loaded(**self.get_dummy_inputs(), return_dict=False)[0]
@@ -154,7 +169,7 @@ class QuantizationTesterMixin:
     def _test_quantized_layers(self, config_kwargs):
         model_fp = self._load_unquantized_model()
         num_linear_layers = sum(isinstance(m, torch.nn.Linear) for m in model_fp.modules())
-        model_quantized = self._create_quantized_model(config_kwargs)
+        model_quantized = self._shared_quantized_model(config_kwargs)
         fp32 = getattr(model_quantized, "_keep_in_fp32_modules", None) or []
         num_fp32_modules = sum(
             isinstance(m, torch.nn.Linear) and any(f in name for f in fp32)
@@ -197,7 +212,7 @@ class QuantizationTesterMixin:
                 elif self._is_module_quantized(module):
                     found_quantized = True
         assert found_excluded and found_quantized
-        model_fully_quantized = self._create_quantized_model(config_kwargs)
+        model_fully_quantized = self._shared_quantized_model(config_kwargs)
         assert (
             model_with_exclusion.get_memory_footprint()
             > model_fully_quantized.get_memory_footprint()
@@ -304,7 +319,7 @@ class QCompileTesterMixin(QuantizationTesterMixin):
         self._test_quantized_layers(QCOMPILE_CONFIGS[config_name])
 
     def test_qcompile_quantization_config_serialization(self):  # upstream: bnb's
-        model = self._create_quantized_model(QCOMPILE_CONFIGS["int4-wo"])
+        model = self._shared_quantized_model(QCOMPILE_CONFIGS["int4-wo"])
         assert "quantization_config" in model.config
         config = model.config["quantization_config"]
         assert config.to_dict()["quant_method"] == "qcompile"
@@ -314,7 +329,7 @@ class QCompileTesterMixin(QuantizationTesterMixin):
         _ = config.to_json_string()
 
     def test_qcompile_original_dtype(self):  # upstream: bnb's
-        model = self._create_quantized_model(QCOMPILE_CONFIGS["int8-wo"])
+        model = self._shared_quantized_model(QCOMPILE_CONFIGS["int8-wo"])
         assert "_pre_quantization_dtype" in model.config
         assert model.config["_pre_quantization_dtype"] in [
             torch.float16,
