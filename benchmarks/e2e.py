@@ -1,8 +1,9 @@
 """One Flux transformer step, end to end: bf16 eager and compiled against qcompile recipes.
 
 A FLUX.1-dev-size transformer (its published config: 19 double and 38 single blocks,
-3072 wide; random weights, built on the meta device and materialised on the GPU) runs
-one forward step at 1024² (4096 image and 512 text tokens), batch 1. Rows:
+3072 wide, or the first --blocks of them; random weights, built on the meta device and
+materialised on the GPU directly in bfloat16) runs one forward step at 1024² (4096 image
+and 512 text tokens), batch 1. Rows:
     bf16                 eager
     bf16+compile         torch.compile (inductor), the baseline of every ratio
     <recipe>+graph       qcompile.quantize, then the model's own call: the lowered
@@ -10,16 +11,19 @@ one forward step at 1024² (4096 image and 512 text tokens), batch 1. Rows:
                          backend on its first call (the default on CUDA)
     <recipe>+qcompile    qcompile.quantize, then torch.compile(model, backend="qcompile")
                          (Dynamo traces the quantized modules' forward)
-    <first recipe>+graph-no-hfuse / -no-actfuse   the same graph without horizontal
-                         fusion / without activation-quantize fusion: each fusion's effect
+    <first recipe>+graph-no-hfuse / -no-actfuse   (--ablations) the same graph without
+                         horizontal fusion / without activation-quantize fusion
     torchao-fp8-row      torchao float8 dynamic activation + weight, per row, + compile
                          (only when torchao is installed; otherwise the row says why)
 Per row: median step time over --iters timed steps (after warm-up, which includes the
-compile, timed separately), speed-up vs bf16+compile, peak GPU memory, and the bytes of
-the transformer's weights. The goal (issue 13): the best recipe ≥ 1.7× bf16+compile and
-ahead of torchao in the same run.
+compile, timed separately), speed-up vs bf16+compile, peak GPU memory from the built
+model on (weights, quantization, compile and the steps), and the bytes of the
+transformer's weights. --no-compile drops the compiled rows and runs the lowered graphs
+uncompiled (ratios are then against bf16 eager). The goal (issue 13): the best recipe
+≥ 1.7× bf16+compile and ahead of torchao in the same run.
 
     python -m benchmarks.e2e [--recipes fp8-dynamic,int8-dynamic,...] [--iters 10]
+                             [--blocks 4,8] [--ablations] [--no-compile]
                              [--out benchmarks/results/e2e-<device>.json]
     python -m benchmarks.e2e --smoke   # no GPU: the tiny Flux on the CPU, checks the
                                        # script end to end; not a result
@@ -48,12 +52,13 @@ TARGET_SPEEDUP = 1.7
 
 def flux_dev(device: str, dtype: torch.dtype, seed: int = 0, config: dict = FLUX_DEV):
     """FLUX.1-dev's transformer with random weights (linears N(0, 0.02), zero biases,
-    unit norm scales), built on the meta device and materialised on `device`."""
+    unit norm scales), built on the meta device and materialised on `device` in `dtype`
+    (never in float32 first: 11.9 B parameters would take 47.6 GB)."""
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**config)
-    model = model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
+        model = FluxTransformer2DModel(**config).to(dtype)
+    model = model.to_empty(device=device).eval().requires_grad_(False)
     generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -142,9 +147,12 @@ def run(args) -> dict:
         def inputs_for(model):
             return flux_eval_inputs(model, batch=1, rows=8, cols=8, text=16)
     else:
+        config = dict(FLUX_DEV)
+        if args.blocks:
+            config["num_layers"], config["num_single_layers"] = args.blocks
 
         def build():
-            return flux_dev(device, dtype)
+            return flux_dev(device, dtype, config=config)
 
         def inputs_for(model):
             return flux_inputs(model, args.image_tokens, args.text_tokens, device, dtype)
@@ -155,7 +163,7 @@ def run(args) -> dict:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats()  # the peak counts from the build on
         model, runner, skipped = make()
         if runner is None:
             rows[name] = {"skipped": skipped}
@@ -189,6 +197,8 @@ def run(args) -> dict:
         model = build()
         return model, torch.compile(model, mode=args.mode), ""
 
+    compile_rows = not args.no_compile
+
     def recipe_row(recipe):
         def make():
             model = qcompile.quantize(build(), recipe)
@@ -205,7 +215,7 @@ def run(args) -> dict:
             # The smoke run compiles only the main graph row (inductor on the CPU is
             # slow); the ablations there check the rows run, not their speed.
             ablation = not (horizontal_fusion and fuse_activation_quant)
-            runtime.compile = not (smoke and ablation)
+            runtime.compile = compile_rows and not (smoke and ablation)
             runtime.horizontal_fusion = horizontal_fusion
             backend.FUSE_ACTIVATION_QUANT = fuse_activation_quant
             return model, model, ""
@@ -219,31 +229,34 @@ def run(args) -> dict:
         return model, torch.compile(model, mode=args.mode), ""
 
     measure("bf16", eager)
-    measure("bf16+compile", compiled)
+    if compile_rows:
+        measure("bf16+compile", compiled)
     from qcompile import backend
 
     for recipe in args.recipes:
         measure(f"{recipe}+graph", graph_row(recipe))
-        measure(f"{recipe}+qcompile", recipe_row(recipe))
+        if compile_rows:
+            measure(f"{recipe}+qcompile", recipe_row(recipe))
     first = args.recipes[0]
-    measure(f"{first}+graph-no-hfuse", graph_row(first, horizontal_fusion=False))
-    measure(f"{first}+graph-no-actfuse", graph_row(first, fuse_activation_quant=False))
-    backend.FUSE_ACTIVATION_QUANT = True
-    if not smoke:
+    if args.ablations:
+        measure(f"{first}+graph-no-hfuse", graph_row(first, horizontal_fusion=False))
+        measure(f"{first}+graph-no-actfuse", graph_row(first, fuse_activation_quant=False))
+        backend.FUSE_ACTIVATION_QUANT = True
+    if not smoke and compile_rows:
         measure("torchao-fp8-row", torchao_row)
-    base = rows["bf16+compile"]["ms"]
+    base = rows["bf16+compile" if compile_rows else "bf16"]["ms"]
     for row in rows.values():
         if "ms" in row:
-            row["vs_bf16_compile"] = base / row["ms"]
+            row["vs_baseline"] = base / row["ms"]
     ours = {
-        k: v["vs_bf16_compile"]
+        k: v["vs_baseline"]
         for k, v in rows.items()
         if k.endswith(("+qcompile", "+graph")) and "ms" in v
     }
     best = max(ours, key=ours.get) if ours else None
-    torchao = rows.get("torchao-fp8-row", {}).get("vs_bf16_compile")
+    torchao = rows.get("torchao-fp8-row", {}).get("vs_baseline")
     targets = None
-    if not smoke and best is not None:
+    if not smoke and best is not None and compile_rows:
         targets = {
             "best_recipe": best,
             f"best >= {TARGET_SPEEDUP}x bf16+compile": ours[best] >= TARGET_SPEEDUP,
@@ -256,20 +269,22 @@ def run(args) -> dict:
         "text_tokens": None if smoke else args.text_tokens,
         "dtype": str(dtype),
         "compile_mode": args.mode,
+        "blocks": None if smoke else args.blocks or (19, 38),
+        "baseline": "bf16+compile" if compile_rows else "bf16 (eager, --no-compile)",
         "rows": rows,
         "targets": targets,
     }
 
 
 def table(payload: dict) -> str:
-    lines = [f"{'row':<30} {'ms':>9} {'vs bf16+compile':>16} {'peak GiB':>9} {'weights GiB':>11}"]
+    lines = [f"{'row':<30} {'ms':>9} {'vs baseline':>16} {'peak GiB':>9} {'weights GiB':>11}"]
     for name, row in payload["rows"].items():
         if "ms" not in row:
             lines.append(f"{name:<30} skipped: {row['skipped']}")
             continue
         peak = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
         lines.append(
-            f"{name:<30} {row['ms']:>9.2f} {row['vs_bf16_compile']:>15.2f}x {peak:>9} "
+            f"{name:<30} {row['ms']:>9.2f} {row['vs_baseline']:>15.2f}x {peak:>9} "
             f"{row['weight_gib']:>11.3f}"
         )
     return "\n".join(lines)
@@ -283,6 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-tokens", type=int, default=4096)
     parser.add_argument("--text-tokens", type=int, default=512)
     parser.add_argument("--mode", default=None, help="torch.compile mode for every row")
+    parser.add_argument(
+        "--blocks",
+        type=lambda s: tuple(int(v) for v in s.split(",")),
+        help="double,single blocks of FLUX.1-dev to build (default all: 19,38)",
+    )
+    parser.add_argument("--ablations", action="store_true", help="the fusion ablation rows")
+    parser.add_argument("--no-compile", action="store_true", help="no compiled rows")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
@@ -296,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     write_results(out, payload)
     if args.smoke:
         print("smoke run: checks the script end to end; the numbers are not a result")
+    print(f"baseline: {payload['baseline']}")
     print(table(payload))
     return 0
 

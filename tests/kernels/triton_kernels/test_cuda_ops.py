@@ -8,10 +8,10 @@ import torch
 
 from qcompile.kernels import reference, tuning
 from qcompile.kernels.reference import w4
+from qcompile.kernels.tolerances import INT4_DEQUANT_DB, LORA_BRANCH_DB, SUM_ORDER_DB
 from qcompile.metrics import sqnr
 
 from .helpers import on
-from .tolerances import INT4_DEQUANT_DB, LORA_BRANCH_DB, SUM_ORDER_DB
 
 pytestmark = pytest.mark.gpu
 ops = torch.ops.qcompile

@@ -8,10 +8,10 @@ import torch
 
 from qcompile.kernels import gemm_w4a4 as kernel
 from qcompile.kernels.reference import w4
+from qcompile.kernels.tolerances import LORA_BRANCH_DB, SUM_ORDER_DB
 from qcompile.metrics import sqnr
 
 from .helpers import on
-from .tolerances import LORA_BRANCH_DB, SUM_ORDER_DB
 
 FORMATS = [("int4", 64), ("int4", 128), ("mxfp4", 32), ("nvfp4", 16)]
 

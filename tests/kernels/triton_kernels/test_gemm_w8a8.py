@@ -7,10 +7,10 @@ import torch
 
 from qcompile.kernels import gemm_w8a8 as kernel
 from qcompile.kernels import reference
+from qcompile.kernels.tolerances import SUM_ORDER_DB
 from qcompile.metrics import sqnr
 
 from .helpers import on
-from .tolerances import SUM_ORDER_DB
 
 QUANTIZE_WEIGHT = {
     torch.int8: reference.quantize_int8_per_channel,

@@ -9,10 +9,10 @@ import torch
 from qcompile.kernels import gemm_wo as kernel
 from qcompile.kernels import reference
 from qcompile.kernels.reference import w4
+from qcompile.kernels.tolerances import INT4_DEQUANT_DB, LORA_BRANCH_DB, SUM_ORDER_DB
 from qcompile.metrics import sqnr
 
 from .helpers import on
-from .tolerances import INT4_DEQUANT_DB, LORA_BRANCH_DB, SUM_ORDER_DB
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

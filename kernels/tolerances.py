@@ -13,7 +13,7 @@ use the same codes and scales (bitwise, see the activation tests), so what remai
   ≥ 63 dB bfloat16, ≥ 81 dB float16 on outputs where the branch is ~10 % of the signal);
 - W4A16 INT4: code × float32 group scale rounds to x's dtype in registers (2⁻⁹ in
   bfloat16; measured ≥ 51 dB bfloat16, ≥ 69 dB float16).
-Measured: the interpreter, 3 seeds of these tests' shapes (2026-11-22).
+Measured: the interpreter, 3 seeds of the kernel tests' shapes (2026-11-22).
 The thresholds sit below the smallest measured values by 5–8 dB: inputs are random.
 """
 
