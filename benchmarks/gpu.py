@@ -644,8 +644,9 @@ def e2e(args, log: Log) -> None:
             "benchmarks.e2e",
             "--smoke",
             "--no-compile",
+            "--ablations",
             "--recipes",
-            "int8-wo",
+            "int8-dynamic",
             "--out",
             str(args.out / "e2e.json"),
         ]

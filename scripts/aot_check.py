@@ -26,11 +26,14 @@ must use Hopper's ``wgmma`` (FP8 W8A8, W4A4's 8-bit MMA, for tiles of 64+ rows) 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import hashlib
 import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -45,7 +48,10 @@ from unittest import mock
 # Compiling needs the real @triton.jit functions, not the interpreter's, and a cache of
 # our own so every kernel is compiled (and ptxas' log printed) in this run.
 os.environ.pop("TRITON_INTERPRET", None)
-os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="qcompile-aot-")
+if "QCOMPILE_AOT_TRITON_CACHE" not in os.environ:  # the main process: workers inherit it
+    os.environ["QCOMPILE_AOT_TRITON_CACHE"] = tempfile.mkdtemp(prefix="qcompile-aot-")
+    atexit.register(shutil.rmtree, os.environ["QCOMPILE_AOT_TRITON_CACHE"], ignore_errors=True)
+os.environ["TRITON_CACHE_DIR"] = os.environ["QCOMPILE_AOT_TRITON_CACHE"]
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
 import torch
@@ -141,6 +147,7 @@ class Result:
     mma: list[str] = field(default_factory=list)
     error: str = ""
     seconds: float = 0.0
+    cached: bool = False  # read from RESULT_CACHE, not compiled in this run
 
     def problems(self) -> list[str]:
         found = [self.error] if self.error else []
@@ -301,12 +308,47 @@ PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 PTX_MMA = re.compile(r"\b(wgmma\.mma_async\S*|mma\.sync\S*)")
 
 
-def compile_launch(launch: Launch) -> Result:
+# Results are kept by the key Triton files its own compile under (its version and
+# sources, the kernel's source and dependencies, signature, specialization, constexprs,
+# options, target, ptxas' version, cache-relevant environment) plus this gate's own
+# version: an unchanged launch is not compiled again on the same machine.
+RESULT_CACHE = Path(os.environ.get("QCOMPILE_AOT_CACHE", "~/.cache/qcompile/aot")).expanduser()
+GATE_VERSION = "1"
+
+
+def result_key(source: ASTSource, target: GPUTarget, options: dict) -> str:
+    from triton.compiler import compiler
+
+    backend = compiler.make_backend(target)
+    parsed = backend.parse_options(dict(options, **source.parse_options()))
+    env = compiler.get_cache_invalidating_env_vars()
+    key = compiler.get_cache_key(source, backend, parsed, env_vars=env)
+    return hashlib.sha256(f"gate-{GATE_VERSION}-{key}".encode()).hexdigest()
+
+
+def compile_launch(launch: Launch, cache: Path | None = None) -> Result:
     module = sys.modules.get(launch.module) or __import__(launch.module, fromlist=["_"])
     kernel = getattr(module, launch.kernel)
     source = ASTSource(kernel, launch.signature, launch.constants, launch.attrs)
     target = GPUTarget("cuda", launch.cc, 32)
     options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    stored = None
+    if cache is not None:
+        stored = cache / f"{result_key(source, target, options)}.json"
+        if stored.is_file():
+            fields = json.loads(stored.read_text())
+            return Result(launch, **fields, cached=True)
+    result = _compile(launch, source, target, options)
+    if stored is not None:
+        fields = {k: v for k, v in asdict(result).items() if k not in ("launch", "cached")}
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        partial_file = stored.with_suffix(f".{os.getpid()}.tmp")
+        partial_file.write_text(json.dumps(fields))
+        partial_file.replace(stored)  # atomic: a concurrent gate reads all or nothing
+    return result
+
+
+def _compile(launch: Launch, source: ASTSource, target: GPUTarget, options: dict) -> Result:
     log = io.StringIO()
     start = time.perf_counter()
     try:
@@ -387,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="one line per launch")
     parser.add_argument("--triton", help="fail unless this is the Triton imported")
+    parser.add_argument("--no-cache", action="store_true", help=f"ignore {RESULT_CACHE}")
     args = parser.parse_args(argv)
     if args.triton and triton.__version__ != args.triton:
         parser.error(f"imported triton {triton.__version__} from {triton.__file__}, "
@@ -399,8 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         for launch in launches:
             print(f"sm_{launch.cc} {launch.kernel:22} {launch.case:34} {launch.config()}")
         return 0
+    cache = None if args.no_cache else RESULT_CACHE
     with ProcessPoolExecutor(max(args.jobs, 1)) as pool:
-        results = list(pool.map(compile_launch, launches, chunksize=1))
+        results = list(pool.map(partial(compile_launch, cache=cache), launches, chunksize=1))
     failures = [(r, p) for r in results for p in r.problems()]
     rows = summarize(results)
     print_table(rows, triton.__version__)
@@ -433,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1, default=str))
     seconds = time.perf_counter() - start
-    print(f"\n{len(results)} compiles, {len(failures)} problems, {seconds:.0f} s "
+    cached = sum(r.cached for r in results)
+    print(f"\n{len(results)} launches ({len(results) - cached} compiled, {cached} results "
+          f"from {RESULT_CACHE}), {len(failures)} problems, {seconds:.0f} s "
           f"(triton {triton.__version__})")  # fmt: skip
     return 1 if failures else 0
 

@@ -54,8 +54,18 @@ def test_dry_run_produces_every_planned_row(dry_run):
                 assert r["ms"] > 0 and "error" not in r, r
                 expected = timings[m, k, n, "bf16"]["ms"] / r["ms"]
                 assert r["vs_bf16"] == pytest.approx(expected)
+    # benchmarks/e2e.py --smoke --no-compile --ablations: every uncompiled row, each
+    # graph row on the lowered graph for every call
     e2e = next(r for r in records if r["kind"] == "e2e")
-    assert e2e["returncode"] == 0 and {"bf16", "int8-wo+graph"} <= set(e2e["rows"])
+    assert e2e["returncode"] == 0, e2e["tail"]
+    rows, recipe = e2e["rows"], "int8-dynamic"
+    graphs = {f"{recipe}+graph", f"{recipe}+graph-no-hfuse", f"{recipe}+graph-no-actfuse"}
+    assert set(rows) == {"bf16"} | graphs and rows["bf16"]["vs_baseline"] == 1.0
+    for name, row in rows.items():
+        assert row["ms"] > 0 and len(row["ms_all"]) == 2 and row["weight_gib"] > 0
+        if name in graphs:
+            assert row["weight_gib"] < rows["bf16"]["weight_gib"]
+            assert row["calls"].get("eager", 0) == 0 and row["calls"]["graph"] > 0
 
 
 def test_report_renders_from_the_jsonl(dry_run, tmp_path):
