@@ -499,7 +499,8 @@ def _act4_check(x, smooth, down, fmt, group, on) -> dict:
     got = quantize_act_4bit.quantize_act_4bit(*on(x, smooth, down), fmt, group)
     expected = w4.quantize_act_4bit(x, smooth, down, fmt, group)
     result = _bitwise(tuple(got[:3]), tuple(expected[:3]))
-    branch = _close(expected[3], got.lora_act, SUM_ORDER_DB[torch.float32] - 40)
+    # float32 sums in another order: the interpreter tier's threshold for lora_act
+    branch = _close(expected[3], got.lora_act, SUM_ORDER_DB[torch.float32])
     return {**result, "lora_sqnr_db": branch["sqnr_db"], "ok": result["ok"] and branch["ok"]}
 
 

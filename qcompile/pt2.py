@@ -10,9 +10,15 @@ back as meta tensors: the checkpoint's safetensors own the weights.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import threading
+import types
+import typing
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,7 +72,6 @@ def _read_program(path: Path) -> ExportedProgram:
     from torch._export.serde import schema
     from torch._export.serde.serialize import (
         ExportedProgramDeserializer,
-        _bytes_to_dataclass,
         deserialize_scalar_type,
     )
 
@@ -85,7 +90,7 @@ def _read_program(path: Path) -> ExportedProgram:
         def config(kind: str) -> schema.PayloadConfig:
             member = f"{root}data/{kind}/{model}_{kind}_config.json"
             try:
-                return _bytes_to_dataclass(schema.PayloadConfig, archive.read(member))
+                return schema_from_json(schema.PayloadConfig, archive.read(member))
             except KeyError:
                 raise CheckpointError(f"{path}: archive lacks {member}") from None
 
@@ -109,7 +114,7 @@ def _read_program(path: Path) -> ExportedProgram:
                 _refuse_pickle(path, fqn, payload)
                 raw = archive.read(f"{root}data/constants/{payload.path_name}")
                 constants[fqn] = tensor(payload.tensor_meta, raw)
-            serialized = _bytes_to_dataclass(schema.ExportedProgram, archive.read(models[0]))
+            serialized = schema_from_json(schema.ExportedProgram, archive.read(models[0]))
             program = ExportedProgramDeserializer().deserialize(
                 serialized, state_dict, constants, ((), {})
             )
@@ -119,6 +124,78 @@ def _read_program(path: Path) -> ExportedProgram:
             raise
         except Exception as exc:
             raise CheckpointError(f"{path}: the lowered program cannot be read ({exc})") from exc
+
+
+def schema_from_json(cls: type, raw: bytes) -> Any:
+    """torch.export's serialized schema dataclasses from their JSON, as torch's own
+    ``serialize._bytes_to_dataclass`` reads them (the same rules: keys the schema lacks
+    are ignored, unions are one-key dicts, floats are floats), with each class's type
+    hints resolved once instead of at every object: loading a program was spent mostly
+    there (tests/qcompile/test_checkpoint_errors.py compares the two readers)."""
+    from torch._export.serde import schema
+
+    return _from_dict(cls, json.loads(raw.decode("utf-8")), schema)
+
+
+@functools.cache
+def _hints(cls: type, schema: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls, globalns=vars(schema))
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _resolve(cls: Any, schema: Any) -> Any:
+    if isinstance(cls, typing.ForwardRef):
+        cls = cls.__forward_arg__
+    if isinstance(cls, str):
+        resolved = getattr(schema, cls, None)
+        if resolved is None:
+            raise CheckpointError(f"program schema names an unknown class {cls!r}")
+        return resolved
+    return cls
+
+
+def _from_dict(cls: Any, data: Any, schema: Any) -> Any:
+    from torch._export.serde.union import _Union
+
+    cls = _resolve(cls, schema)
+    origin = typing.get_origin(cls)
+    if origin is typing.Annotated:
+        return _from_dict(cls.__origin__, data, schema)
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(cls):
+        if data is None:
+            return None
+        args = typing.get_args(cls)
+        if len(args) != 2:
+            raise CheckpointError(f"program schema: expected an optional type, got {cls}")
+        return _from_dict(args[0], data, schema)
+    if isinstance(cls, type) and issubclass(cls, _Union):
+        if not isinstance(data, dict) or len(data) != 1:
+            raise CheckpointError(f"program schema: {cls.__name__} wants a one-key dict")
+        ((kind, value),) = data.items()
+        return cls.create(**{kind: _from_dict(_hints(cls, schema)[kind], value, schema)})
+    if dataclasses.is_dataclass(cls):
+        hints = _hints(cls, schema)
+        fields = {
+            name: _from_dict(hints[name], data[name], schema)
+            for name in _field_names(cls)
+            if name in data
+        }
+        return cls(**fields)
+    if isinstance(data, list):
+        if not data:
+            return data
+        (item,) = typing.get_args(cls)[:1]
+        return [_from_dict(item, d, schema) for d in data]
+    if isinstance(data, dict):
+        value_type = typing.get_args(cls)[1]
+        return {k: _from_dict(value_type, v, schema) for k, v in data.items()}
+    if cls is float:
+        return float(data)
+    return data
 
 
 def _placeholder_inputs(program: ExportedProgram) -> tuple:

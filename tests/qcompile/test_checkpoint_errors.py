@@ -239,3 +239,25 @@ def test_an_unreadable_program_says_deleting_it_recaptures_it(ckpt):
     archive.unlink()  # as the message says: the load captures it again
     model = SD3Transformer2DModel.from_pretrained(ckpt)
     assert qcompile.runtime_of(model) is not None
+
+
+def test_the_program_reader_reads_the_schema_as_torch_does(saved):
+    # qcompile.pt2 reads the program's JSON itself (type hints resolved once per class);
+    # this fails when torch's schema or its reader's rules move away from it.
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import _bytes_to_dataclass
+
+    from qcompile.pt2 import schema_from_json
+
+    with zipfile.ZipFile(saved / PROGRAM_NAME) as archive:
+        members = [n for n in archive.namelist() if n.endswith(".json")]
+        program = next(n for n in members if "/models/" in f"/{n}")
+        raw = archive.read(program)
+        assert schema_from_json(schema.ExportedProgram, raw) == _bytes_to_dataclass(
+            schema.ExportedProgram, raw
+        )
+        for member in (n for n in members if n.endswith("_config.json")):
+            raw = archive.read(member)
+            assert schema_from_json(schema.PayloadConfig, raw) == _bytes_to_dataclass(
+                schema.PayloadConfig, raw
+            )
