@@ -79,6 +79,7 @@ def test_report_renders_from_the_jsonl(dry_run, tmp_path):
     for k, n in gpu.DRY_KN:
         assert f"K={k} N={n}" in text
     assert "| svdq_w4a4 |" in text and "| act_nvfp4_svdq |" in text
+    assert "End to end (" in text and "| int8-dynamic+graph | " in text
 
 
 def test_a_failing_launch_is_recorded_and_the_run_goes_on(tmp_path):
