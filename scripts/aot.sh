@@ -3,12 +3,16 @@
 # compiled for sm_90, sm_89 and sm_80 on the Triton in .venv and on each Triton in
 # AOT_TRITONS (the GPU machines run 3.6), no GPU needed. Those extra Tritons install
 # beside the venv (.venv/aot/triton-X) and shadow its own through PYTHONPATH.
-# Full results: build/aot/triton-X.json.
+# Then the performance model (benchmarks/roofline.py --check) on each Triton's sm_90 code:
+# a predicted ratio under its floor, or a main loop that lost its pipelining, fails.
+# Full results: build/aot/triton-X.json, build/aot/roofline-X.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AOT_TRITONS=${AOT_TRITONS:-3.6.0}
 . .venv/bin/activate
-python scripts/aot_check.py --json "build/aot/triton-$(python -c 'import triton; print(triton.__version__)').json"
+venv_triton=$(python -c 'import triton; print(triton.__version__)')
+python scripts/aot_check.py --json "build/aot/triton-$venv_triton.json"
+python -m benchmarks.roofline --check --json "build/aot/roofline-$venv_triton.json"
 for version in $AOT_TRITONS; do
     target=.venv/aot/triton-$version
     if [ ! -f "$target/triton/__init__.py" ]; then
@@ -16,4 +20,6 @@ for version in $AOT_TRITONS; do
     fi
     PYTHONPATH="$PWD/$target" python scripts/aot_check.py --triton "$version" \
         --json "build/aot/triton-$version.json"
+    PYTHONPATH="$PWD/$target" python -m benchmarks.roofline --check \
+        --json "build/aot/roofline-$version.json"
 done

@@ -19,6 +19,9 @@ launch is tuned), and ops that run their reference below sm_89 (FP8, MXFP4, NVFP
 Each compiled kernel reports shared memory (from the compiler), registers and spills
 (ptxas' log) and the MMA instructions in its PTX; the gate also fails when a kernel that
 must use Hopper's ``wgmma`` (FP8 W8A8, W4A4's 8-bit MMA, for tiles of 64+ rows) does not.
+On sm_90 it also reads the main loop from the SASS (``nvdisasm`` from the Triton wheel):
+instructions per warp per iteration, MMA work, TMA / cp.async / plain loads, and the
+wgmma wait depth: what ``benchmarks/roofline.py`` turns into a predicted time.
 
     python scripts/aot_check.py [--cc 90 89 80] [--only NAME ...] [--json OUT] [--jobs N]
 """
@@ -60,6 +63,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.driver import driver
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from benchmarks.sass import main_loop, sass
 from qcompile.kernels import cuda as cuda_ops
 from qcompile.kernels import gemm_w4a4, gemm_w8a8, gemm_wo, quantize_act
 from qcompile.kernels.tuning import HOPPER, Tuner
@@ -147,6 +152,7 @@ class Result:
     mma: list[str] = field(default_factory=list)
     error: str = ""
     seconds: float = 0.0
+    loop: dict = field(default_factory=dict)  # benchmarks.sass.MainLoop, sm_90 only
     cached: bool = False  # read from RESULT_CACHE, not compiled in this run
 
     def problems(self) -> list[str]:
@@ -313,7 +319,7 @@ PTX_MMA = re.compile(r"\b(wgmma\.mma_async\S*|mma\.sync\S*)")
 # options, target, ptxas' version, cache-relevant environment) plus this gate's own
 # version: an unchanged launch is not compiled again on the same machine.
 RESULT_CACHE = Path(os.environ.get("QCOMPILE_AOT_CACHE", "~/.cache/qcompile/aot")).expanduser()
-GATE_VERSION = "1"
+GATE_VERSION = "3"
 
 
 def result_key(source: ASTSource, target: GPUTarget, options: dict) -> str:
@@ -363,6 +369,7 @@ def _compile(launch: Launch, source: ASTSource, target: GPUTarget, options: dict
     registers = [int(r) for r in PTXAS_REGISTERS.findall(text)]
     spills = [int(s) + int(lo) for s, lo in PTXAS_SPILLS.findall(text)]
     mma = sorted({kind_of(m) for m in PTX_MMA.findall(compiled.asm["ptx"])})
+    loop = asdict(main_loop(sass(compiled.asm["cubin"]))) if launch.cc == 90 else {}
     return Result(
         launch,
         ok=True,
@@ -371,6 +378,7 @@ def _compile(launch: Launch, source: ASTSource, target: GPUTarget, options: dict
         spill_bytes=max(spills, default=0),
         mma=mma,
         seconds=time.perf_counter() - start,
+        loop=loop,
     )
 
 
