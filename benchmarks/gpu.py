@@ -69,6 +69,7 @@ from benchmarks.gpu_report import load, report, write_report  # noqa: E402 - re-
 from qcompile.kernels import cuda as _cuda  # noqa: E402, F401 - the ops' CUDA kernels
 from qcompile.kernels import (  # noqa: E402
     gemm_w4a4,
+    gemm_w4a8,
     gemm_w8a8,
     gemm_wo,
     quantize_act,
@@ -76,7 +77,7 @@ from qcompile.kernels import (  # noqa: E402
     reference,
     tuning,
 )
-from qcompile.kernels.reference import w4  # noqa: E402
+from qcompile.kernels.reference import w4, w4a8  # noqa: E402
 from qcompile.kernels.tolerances import INT4_DEQUANT_DB, LORA_BRANCH_DB, SUM_ORDER_DB  # noqa: E402
 from qcompile.metrics import sqnr  # noqa: E402
 
@@ -203,6 +204,8 @@ class Operands:
     int4_g128: tuple
     mxfp4: tuple
     nvfp4: tuple
+    w4a8: tuple  # packed, integer group scales (g64), channel scales
+    w4a8_g128: tuple
     smooth: torch.Tensor
     down: torch.Tensor
     up: torch.Tensor
@@ -242,6 +245,8 @@ def operands(m: int, k: int, n: int, device: str) -> Operands:
         int4_g128=quantize_weight(w32, "int4", 128),
         mxfp4=quantize_weight(w32, "mxfp4", 32),
         nvfp4=quantize_weight(w32, "nvfp4", 16),
+        w4a8=w4a8.quantize_w4a8_weight(w32, 64),  # plain torch, on the device
+        w4a8_g128=w4a8.quantize_w4a8_weight(w32, 128),
         smooth=torch.rand(k, generator=g, device=device) + 0.5,
         down=randn(RANK, k, scale=0.02).to(torch.bfloat16),
         up=randn(n, RANK, scale=0.02).to(torch.bfloat16),
@@ -285,10 +290,13 @@ def rows_for(o: Operands, m: int) -> dict[str, Callable[[], object]]:
         "svdq_w4a4": lambda: ops.linear_w4a4(x, *o.int4, b, o.smooth, o.down, o.up, "int4", 64),
         "svdq_mxfp4": lambda: ops.linear_w4a4(x, *o.mxfp4, b, o.smooth, o.down, o.up, "mxfp4", 32),
         "svdq_nvfp4": lambda: ops.linear_w4a4(x, *o.nvfp4, b, o.smooth, o.down, o.up, "nvfp4", 16),
+        "svdq_w4a8": lambda: ops.linear_w4a8(x, *o.w4a8, b, o.smooth, o.down, o.up, None, 64),
+        "w4a8_g128": lambda: ops.linear_w4a8(x, *o.w4a8_g128, b, None, None, None, None, 128),
         "act_int8": lambda: ops.quantize_act_dynamic(x, torch.int8),
         "act_fp8": lambda: ops.quantize_act_dynamic(x, FP8),
         "act_int4_svdq": lambda: act4(x, o.smooth, o.down, "int4", 64),
         "act_nvfp4_svdq": lambda: act4(x, o.smooth, o.down, "nvfp4", 16),
+        "act_w4a8_svdq": lambda: gemm_w4a8.quantize_act_w4a8(x, o.smooth, o.down, None),
     }
     rows.update(torchao_rows(o, x))
     return rows
@@ -311,8 +319,10 @@ GEMM_ROWS = (
     "svdq_w4a4",
     "svdq_mxfp4",
     "svdq_nvfp4",
+    "svdq_w4a8",
+    "w4a8_g128",
 )
-ACT_ROWS = ("act_int8", "act_fp8", "act_int4_svdq", "act_nvfp4_svdq")
+ACT_ROWS = ("act_int8", "act_fp8", "act_int4_svdq", "act_nvfp4_svdq", "act_w4a8_svdq")
 BASELINES = ("bf16", "scaled_mm_fast")
 
 
@@ -492,7 +502,37 @@ def _checks_at(label: str, m: int, k: int, n: int, dtype: torch.dtype, device: s
                     ),
                 )
             )
+    for group in (64, 128):
+        packed = w4a8.quantize_w4a8_weight(w, group)
+        # static: the scale min-max calibration would store for this activation
+        calibrated = (x.float() / smooth).abs().amax() / 127
+        for static in (None, calibrated):
+            mode = "dynamic" if static is None else "static"
+            checks.append(
+                (
+                    f"quantize_act_w4a8 {mode} {tag}",
+                    lambda s=static: _act_w4a8_check(x, smooth, down, s, on),
+                )
+            )
+            args = (x, *packed, bias, smooth, down, up, static)
+            checks.append(
+                (
+                    f"w4a8 g{group} {mode} {tag}",
+                    lambda a=args: _close(
+                        w4a8.linear_w4a8(*a), gemm_w4a8.linear_w4a8(*on(*a)), LORA_BRANCH_DB[dtype]
+                    ),
+                )
+            )
     return checks
+
+
+def _act_w4a8_check(x, smooth, down, static, on) -> dict:
+    """Codes and scales bit for bit; the branch's lora_act by SQNR."""
+    q, scale, lora_act = gemm_w4a8.quantize_act_w4a8(*on(x, smooth, down, static))
+    ref_q, ref_scale, ref_lora = w4a8.quantize_act_w4a8(x, smooth, down, static)
+    result = _bitwise((q, scale.reshape(-1)), (ref_q, ref_scale.reshape(-1)))
+    lora = _close(ref_lora, lora_act, LORA_BRANCH_DB[torch.float32])
+    return {**result, "lora_sqnr_db": lora.get("sqnr_db"), "ok": result["ok"] and lora["ok"]}
 
 
 def _act4_check(x, smooth, down, fmt, group, on) -> dict:

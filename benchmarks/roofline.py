@@ -76,7 +76,8 @@ class Machine:
 H100 = Machine()
 CUBLAS_BF16_FLOPS = 790e12
 SCALED_MM_FP8_FLOPS = 1190e12 / 0.98
-GEMMS = {"_w8a8_kernel", "_weight_only_kernel", "_w4a4_kernel"}
+GEMMS = {"_w8a8_kernel", "_w8a8_tma_kernel", "_weight_only_kernel", "_w4a4_kernel",
+         "_w4a8_kernel"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,11 @@ class Row:
 
 
 ROWS = (
-    Row("fp8 W8A8 dynamic", ("quantize_act fp8 {} dynamic", "w8a8 fp8 {} dynamic"), 8, 8,
+    Row("fp8 W8A8 dynamic", ("quantize_act fp8 {} dynamic", "w8a8 fp8 {} dynamic tma"), 8, 8,
         "scaled_mm"),
-    Row("int8 W8A8 dynamic", ("quantize_act int8 {} dynamic", "w8a8 int8 {} dynamic"), 8, 8,
-        "scaled_mm"),
-    Row("fp8 W8A8 static", ("quantize_act fp8 {} static", "w8a8 fp8 {} static"), 8, 8),
+    Row("int8 W8A8 dynamic", ("quantize_act int8 {} dynamic", "w8a8 int8 {} dynamic tma"), 8,
+        8, "scaled_mm"),
+    Row("fp8 W8A8 static", ("quantize_act fp8 {} static", "w8a8 fp8 {} static tma"), 8, 8),
     Row("int8 weight-only", ("weight_only int8 {} g1",), 16, 8),
     Row("fp8 weight-only", ("weight_only fp8 {} g1",), 16, 8),
     Row("int4 weight-only g64", ("weight_only int4 {} g64",), 16, 4 + 32 / 64),
@@ -104,6 +105,8 @@ ROWS = (
     Row("svdq-w4a16 int4 g64 r32", ("weight_only int4 {} g64 lora",), 16, 4 + 32 / 64),
     Row("mxfp4 weight-only", ("weight_only mxfp4 {} g32",), 16, 4 + 8 / 32),
     Row("nvfp4 weight-only", ("weight_only nvfp4 {} g16",), 16, 4 + 8 / 16),
+    Row("svdq-w4a8 int4 g64 r32", ("w4a8 int4 {} g64 lora",), 8, 4 + 8 / 64, "scaled_mm"),
+    Row("w4a8 int4 g128", ("w4a8 int4 {} g128",), 8, 4 + 8 / 128, "scaled_mm"),
     Row("svdq-w4a4 int4 g64 r32", ("w4a4 int4 {} g64",), 4 + 32 / 64, 4 + 32 / 64),
     Row("svdq-w4a4 mxfp4 r32", ("w4a4 mxfp4 {} g32",), 4 + 8 / 32, 4 + 8 / 32),
     Row("svdq-w4a4 nvfp4 r32", ("w4a4 nvfp4 {} g16",), 4 + 8 / 16, 4 + 8 / 16),
@@ -132,8 +135,11 @@ FLOORS: dict[str, dict[tuple[int, int, int], float]] = {
 }
 # What a row's GEMM main loop must keep on sm_90 (MainLoop fields, each at least this).
 LOOP_NEEDS: dict[str, dict[str, int]] = {
-    "fp8 W8A8 dynamic": {"wgmma_wait": 1},  # wgmma pipelined one group deep
-    "fp8 W8A8 static": {"wgmma_wait": 1},
+    # operands by TMA; FP8's wgmma pipelined one group deep (INT8's cannot be: Triton
+    # keeps int32-accumulator wgmma synchronous, see kernels/gemm_w8a8.py)
+    "fp8 W8A8 dynamic": {"tma": 1, "wgmma_wait": 1},
+    "int8 W8A8 dynamic": {"tma": 1},
+    "fp8 W8A8 static": {"tma": 1, "wgmma_wait": 1},
 }
 
 
@@ -190,7 +196,8 @@ def model(
     loop, meta, warps = compiled.loop, compiled.meta, compiled.num_warps
     c = occupancy(compiled, machine)
     if not loop.get("found") or c == 0:
-        return Part(compiled.kernel, compiled.config, math.inf, "no loop/occupancy", c, loop)
+        why = "did not compile" if not compiled.registers else "no main loop or no CTA fits"
+        return Part(compiled.kernel, compiled.config, math.inf, why, c, loop)
     if compiled.kernel in GEMMS:
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
         tiles = math.ceil(m / bm) * math.ceil(n / bn)
@@ -339,6 +346,9 @@ def table(predictions: list[Prediction]) -> str:
 def problems(predictions: list[Prediction]) -> list[str]:
     found = []
     for p in predictions:
+        for part in p.parts:
+            if not part.seconds < math.inf:
+                found.append(f"{p.row}: {part.kernel} {part.config} has no model ({part.bound})")
         floor = FLOORS.get(p.row, {}).get(p.shape)
         if floor is not None and p.vs_bf16 < floor:
             found.append(f"{p.row} at {p.shape}: predicted {p.vs_bf16:.2f}× bf16 < floor {floor}×")

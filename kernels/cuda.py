@@ -123,6 +123,18 @@ def _(
     return linear_w4a4(*args)
 
 
+@ops.linear_w4a8.register_kernel("cuda")
+def _(
+    x, weight, weight_group_scale, weight_scale, bias, smooth, lora_down, lora_up, input_scale,
+    group_size,
+):  # fmt: skip
+    from qcompile.kernels.gemm_w4a8 import linear_w4a8
+
+    return linear_w4a8(
+        x, weight, weight_group_scale, weight_scale, bias, smooth, lora_down, lora_up, input_scale
+    )
+
+
 @ops.smooth.register_kernel("cuda")
 def _(x, factors):
     from qcompile.kernels.quantize_act import smooth

@@ -3,8 +3,9 @@
 Notation: y [M, N] = x [M, K] · Wᵀ; the kernels tile y in BLOCK_M × BLOCK_N and walk K;
 R is the rank of the SVDQuant low-rank branch.
 
-- `tile`: the program's rows and columns, in GROUP_M-row super-groups so consecutive
-  programs reuse the same weight columns from L2 (Triton tutorial 03's ordering).
+- `tile` / `tile_of`: a program's (or a persistent program's t-th) output tile, in
+  GROUP_M-row super-groups so consecutive tiles reuse the same weight columns from L2
+  (Triton tutorial 03's ordering).
 - `finish`: the one epilogue: + lora_act · lora_upᵀ (the branch's up-projection, on
   tensor cores), + bias, then a single rounded write of y.
 """
@@ -20,16 +21,20 @@ GROUP_M = 8
 
 
 @triton.jit
-def tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(rows [BLOCK_M], cols [BLOCK_N]) of this program's output tile."""
-    pid = tl.program_id(0)
+def tile_of(t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(tile row, tile column) of output tile number `t` in the super-grouped order."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (t // per_group) * GROUP_M
     group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    return first_m + (t % per_group) % group_rows, (t % per_group) // group_rows
+
+
+@triton.jit
+def tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(rows [BLOCK_M], cols [BLOCK_N]) of this program's output tile."""
+    pid_m, pid_n = tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 

@@ -154,6 +154,14 @@ def sign_extend_int4(nibble):
 # ---------------------------------------------------------------- launcher helpers
 
 
+TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The Triton dtype of a 16/32-bit float output (a constexpr argument)."""
+    return TL_DTYPE[dtype]
+
+
 def rows_view(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] as [M, K] with unit stride along K (a copy only when it must)."""
     x2 = x.reshape(-1, x.shape[-1])

@@ -249,3 +249,63 @@ def smooth(x: Tensor, factors: Tensor) -> Tensor:
 @smooth.register_fake
 def _(x, factors):
     return torch.empty_like(x)
+
+
+# ---------------------------------------------------------------- W4A8
+
+
+@torch.library.custom_op("qcompile::linear_w4a8", mutates_args=())
+def linear_w4a8(
+    x: Tensor,
+    weight: Tensor,
+    weight_group_scale: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    smooth: Tensor | None,
+    lora_down: Tensor | None,
+    lora_up: Tensor | None,
+    input_scale: Tensor | None,
+    group_size: int,
+) -> Tensor:
+    """x_s = x / smooth; y = Q8(x_s) · (g·q)ᵀ · a · s + (x_s · downᵀ) · upᵀ + b: 4-bit
+    weights with integer group scales g (uint8 [N, Kp/G]) and float32 channel scales s
+    [N], int8 activations (per row, or the static `input_scale`); ``reference.w4a8``."""
+    return reference.w4a8.linear_w4a8(
+        x, weight, weight_group_scale, weight_scale, bias, smooth, lora_down, lora_up, input_scale
+    )
+
+
+@linear_w4a8.register_fake
+def _(
+    x, weight, weight_group_scale, weight_scale, bias, smooth, lora_down, lora_up, input_scale,
+    group_size,
+):  # fmt: skip
+    groups = -(-x.shape[-1] // group_size)
+    _check_linear(
+        "linear_w4a8", x, weight, weight_group_scale, groups * group_size // 2,
+        weight.shape[0] * groups,
+    )  # fmt: skip
+    torch._check(
+        weight_scale.numel() == weight.shape[0],
+        lambda: (
+            f"qcompile.linear_w4a8: weight_scale {tuple(weight_scale.shape)} needs one "
+            f"scale per output channel ({weight.shape[0]})"
+        ),
+    )
+    torch._check(
+        input_scale is None or input_scale.numel() == 1,
+        lambda: "qcompile.linear_w4a8: input_scale must be one float32 scalar (static)",
+    )
+    if smooth is not None:
+        torch._check(
+            smooth.shape == (x.shape[-1],),
+            lambda: f"qcompile: smooth {tuple(smooth.shape)} does not fit x [..., {x.shape[-1]}]",
+        )
+    if lora_down is not None:
+        torch._check(
+            lora_up is not None
+            and lora_down.shape[1] == x.shape[-1]
+            and lora_up.shape == (weight.shape[0], lora_down.shape[0]),
+            lambda: "qcompile: linear_w4a8's low-rank branch does not fit x and N",
+        )
+    return _empty_output(x, weight)

@@ -66,7 +66,8 @@ from triton.runtime.driver import driver
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from benchmarks.sass import main_loop, sass
 from qcompile.kernels import cuda as cuda_ops
-from qcompile.kernels import gemm_w4a4, gemm_w8a8, gemm_wo, quantize_act
+from qcompile.kernels import gemm_w4a4, gemm_w4a8, gemm_w8a8, gemm_wo, quantize_act
+from qcompile.kernels.tma import TMA_CAPABILITY, tma_aligned
 from qcompile.kernels.tuning import HOPPER, Tuner
 
 # Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes.
@@ -92,7 +93,10 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 WGMMA_REQUIRED = {
     ("_w8a8_kernel", "int8"): "wgmma s8",
     ("_w8a8_kernel", "fp8"): "wgmma e4m3",
+    ("_w8a8_tma_kernel", "int8"): "wgmma s8",
+    ("_w8a8_tma_kernel", "fp8"): "wgmma e4m3",
     ("_w4a4_kernel", "int4"): "wgmma s8",
+    ("_w4a8_kernel", "int4"): "wgmma s8",
     ("_w4a4_kernel", "mxfp4"): "wgmma e4m3",
     ("_w4a4_kernel", "nvfp4"): "wgmma bf16",
 }
@@ -108,6 +112,8 @@ WEIGHT_ONLY = (
     ("nvfp4", 16, False),
 )
 W4A4 = (("int4", 64), ("mxfp4", 32), ("nvfp4", 16))  # smoothed, with the branch
+# (group, smoothing and low-rank branch, static activation scale) of the W4A8 linears
+W4A8 = ((64, True, False), (128, False, False), (64, True, True))
 
 
 @dataclass
@@ -246,13 +252,15 @@ def launcher_cases(cc: int, shapes: Sequence[str] = tuple(SHAPES)):
     def runs(fmt: str) -> bool:
         return fp8 or fmt not in cuda_ops.FP8_FORMATS
 
+    tma = capability(cc) >= TMA_CAPABILITY
     for shape in shapes:
         for dtype in DTYPES:
-            yield from _cases(shape, *SHAPES[shape], dtype, runs)
+            yield from _cases(shape, *SHAPES[shape], dtype, runs, tma)
 
 
-def _cases(shape: str, M: int, K: int, N: int, dtype: torch.dtype, runs):
-    """The launcher calls at one shape and activation dtype."""
+def _cases(shape: str, M: int, K: int, N: int, dtype: torch.dtype, runs, tma: bool):
+    """The launcher calls at one shape and activation dtype (`tma`: the target runs the
+    TMA kernels where the operands allow, as the CUDA dispatch does)."""
     dt = f"{DTYPE_NAMES[dtype]} {shape}"
     x = torch.zeros(M, K, dtype=dtype)
     bias = torch.zeros(N, dtype=dtype)
@@ -272,11 +280,14 @@ def _cases(shape: str, M: int, K: int, N: int, dtype: torch.dtype, runs):
         )
         x_q, w_q = torch.zeros(M, K, dtype=qdtype), torch.zeros(N, K, dtype=qdtype)
         # the presets' scale layouts: static per-tensor × per-channel, dynamic per-row
+        y = torch.empty(M, N, dtype=dtype)
+        w8a8_tma = tma and all(tma_aligned(t) for t in (x_q, w_q, y))
         for scales, x_scale in (("static", one), ("dynamic", torch.ones(M, 1))):
             yield (
-                f"w8a8 {fmt} {dt} {scales}",
-                partial(gemm_w8a8.linear_w8a8, x_q, x_scale, w_q, torch.ones(N), bias, dtype),
-            )
+                f"w8a8 {fmt} {dt} {scales}{' tma' if w8a8_tma else ''}",
+                partial(gemm_w8a8.linear_w8a8, x_q, x_scale, w_q, torch.ones(N), bias, dtype,
+                        tma=w8a8_tma),
+            )  # fmt: skip
     yield f"smooth - {dt}", partial(quantize_act.smooth, x, smooth)
     for fmt, group, lora in WEIGHT_ONLY:
         if runs(fmt):
@@ -286,6 +297,12 @@ def _cases(shape: str, M: int, K: int, N: int, dtype: torch.dtype, runs):
                 gemm_wo.linear_weight_only,
                 x, weight, scale, global_scale, bias, *branch, fmt, group,
             )  # fmt: skip
+    for group, branch, static in W4A8:
+        packed, group_scale, channel_scale = weight_operands("w4a8", group, N, K)
+        extras = (smooth, down, up) if branch else (None, None, None)
+        yield f"w4a8 int4 {dt} g{group}{' lora' if branch else ''}{' static' if static else ''}", \
+            partial(gemm_w4a8.linear_w4a8, x, packed, group_scale, channel_scale, bias, *extras,
+                    torch.ones(()) if static else None)  # fmt: skip
     for fmt, group in W4A4:
         if runs(fmt):
             weight, scale, global_scale = weight_operands(fmt, group, N, K)
@@ -300,6 +317,10 @@ def weight_operands(fmt: str, group: int, N: int, K: int):
     if fmt in ("int8", "fp8"):
         dtype = torch.int8 if fmt == "int8" else torch.float8_e4m3fn
         return torch.zeros(N, K, dtype=dtype), torch.ones(N), None
+    if fmt == "w4a8":  # packed, integer group scales, float32 channel scales
+        groups = -(-K // group)
+        packed = torch.zeros(N, groups * group // 2, dtype=torch.uint8)
+        return packed, torch.ones(N, groups, dtype=torch.uint8), torch.ones(N)
     scale_dtype = {"int4": torch.float32, "mxfp4": torch.uint8, "nvfp4": torch.float8_e4m3fn}
     groups = -(-K // group)  # K padded to the group, as the checkpoint packs it
     scale = torch.ones(N, groups).to(scale_dtype[fmt])

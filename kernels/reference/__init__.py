@@ -8,7 +8,7 @@ The references are the CPU implementations of the ``qcompile::`` ops and the gro
 truth the Triton kernels are tested against: packing bitwise, GEMMs by SQNR.
 """
 
-from qcompile.kernels.reference import fp4, w4
+from qcompile.kernels.reference import fp4, w4, w4a8
 from qcompile.kernels.reference.act import (
     linear_w8a8,
     quantize_act_dynamic,
@@ -55,4 +55,5 @@ __all__ = [
     "quantize_int8_per_tensor",
     "unpack_int4",
     "w4",
+    "w4a8",
 ]

@@ -15,7 +15,7 @@ def _ops() -> list[str]:
 
 def test_every_op_has_a_cuda_kernel():
     names = _ops()
-    assert len(names) == 10  # 3 weight-only, 2 act-quant, 2 W8A8, 2 4-bit linears, smooth
+    assert len(names) == 11  # 3 weight-only, 2 act-quant, 2 W8A8, 3 4-bit linears, smooth
     missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
     assert missing == []
 

@@ -45,7 +45,7 @@ def test_dry_run_produces_every_planned_row(dry_run):
     assert len(checks) >= 20 and all(r["ok"] for r in checks), [r for r in checks if not r["ok"]]
     kinds = {r["name"].split()[0] for r in checks}
     assert {"quantize_act_dynamic", "quantize_act_static", "quantize_act_4bit", "smooth",
-            "linear_w8a8", "weight_only", "w4a4"} == kinds  # fmt: skip
+            "linear_w8a8", "weight_only", "w4a4", "quantize_act_w4a8", "w4a8"} == kinds  # fmt: skip
     timings = {(r["m"], r["k"], r["n"], r["row"]): r for r in records if r["kind"] == "timing"}
     for m in gpu.DRY_M:
         for k, n in gpu.DRY_KN:

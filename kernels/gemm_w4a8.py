@@ -1,0 +1,289 @@
+"""W4A8 linear: 4-bit weights widened to int8 in registers, 8-bit activations, int8
+tensor-core MMA with exact int32 sums, SVDQuant's smoothing and low-rank branch.
+
+Formats and math: ``reference.w4a8`` (two-level weight scales: an integer group scale
+g ∈ [1, 17] times a float32 channel scale s, so the widened weight g·q is an exact
+int8 and the K loop never rescales the accumulator). Two kernels per linear:
+
+- ``_act_w4a8_kernel``, the activation pass, one program per BLOCK_M rows: dynamic
+  scales walk K twice (the row's max|x / smooth| and the low-rank down-projection, then
+  the codes; the second read comes from L2), a static scale once.
+- ``_w4a8_kernel``, the GEMM: per K step the packed weight tile [BLOCK_N, BLOCK_K / 2]
+  and its group scales are loaded, each nibble sign-extended by two shifts and
+  multiplied by its group's g in int32, narrowed to int8 and multiplied with the int8
+  activation tile (wgmma on sm_90, mma.sync on sm_80/89). The epilogue applies the
+  activation and channel scales, adds lora_act · lora_upᵀ and the bias, and writes y
+  once (`gemm_parts.finish`).
+
+Reference: ``reference.w4a8.linear_w4a8``: codes and scales of the activation pass bit
+for bit, the GEMM to the rounding of the scale products (its integer sums are exact).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.kernels.gemm_parts import GROUP_M, dot_precision, finish, grid_2d, tile
+from qcompile.kernels.numerics import alloc, cast_rne, mma, ptr, rne, row_stride, rows_view
+from qcompile.kernels.reference.int8 import INT8_MAX
+from qcompile.kernels.tuning import ROWS, Tuner, config, m_bucket, tunes
+
+QMAX = tl.constexpr(INT8_MAX)  # a global a @triton.jit body may read
+
+_ACT_TUNER = Tuner(
+    "quantize_act_w4a8",
+    default=config(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=2),
+    hopper=[
+        config(BLOCK_M=8, BLOCK_K=256, num_warps=4, num_stages=2),
+        config(BLOCK_M=32, BLOCK_K=128, num_warps=8, num_stages=2),
+        config(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2),
+    ],
+)
+_ACT_FLOAT32 = config(BLOCK_M=8, BLOCK_K=64, num_warps=4, num_stages=1)
+
+_TUNER = Tuner(
+    "linear_w4a8",
+    default=config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    hopper=[
+        # large M: the 8-bit MMA's tiles; two CTAs per SM hide the int32-accumulator
+        # wgmma that Triton keeps synchronous (see gemm_w8a8.py)
+        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+        config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+        # small M: narrow column tiles, the weight streamed by every SM
+        config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+        config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
+    ],
+)
+
+
+@triton.jit(do_not_specialize=ROWS)
+def _act_w4a8_kernel(
+    # pointers
+    x_ptr,
+    smooth_ptr,
+    scale_ptr,  # static: the input float32 scalar; dynamic: the output float32 [M]
+    lora_down_ptr,
+    q_ptr,
+    lora_act_ptr,
+    # sizes
+    M,
+    K,
+    R,
+    # strides
+    stride_xm,
+    stride_qm,
+    stride_ldr,
+    stride_lam,
+    # meta-parameters
+    DYNAMIC: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = tl.arange(0, BLOCK_K)
+    ranks = tl.arange(0, BLOCK_R)
+    lora_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if DYNAMIC:  # first read: the row's max|x_s| and the low-rank branch
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x_s = _smoothed(x_ptr, smooth_ptr, rows, row_ok, k0 + cols, K, stride_xm, HAS_SMOOTH)
+            amax = tl.maximum(amax, tl.max(tl.abs(x_s), axis=1))
+            if HAS_LORA:
+                lora_acc = _down(x_s, lora_down_ptr, lora_acc, k0 + cols, ranks, K, R,
+                                 stride_ldr, DOT_PRECISION)  # fmt: skip
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, QMAX), 1.0)
+        tl.store(scale_ptr + rows, scale, mask=row_ok)
+    else:
+        scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scale_ptr)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + cols
+        x_s = _smoothed(x_ptr, smooth_ptr, rows, row_ok, k, K, stride_xm, HAS_SMOOTH)
+        if HAS_LORA and not DYNAMIC:
+            lora_acc = _down(x_s, lora_down_ptr, lora_acc, k, ranks, K, R, stride_ldr,
+                             DOT_PRECISION)  # fmt: skip
+        v = tl.math.div_rn(x_s, scale[:, None])
+        q = rne(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(tl.int8)
+        tl.store(q_ptr + rows[:, None] * stride_qm + k[None, :], q,
+                 mask=row_ok[:, None] & (k[None, :] < K))  # fmt: skip
+    if HAS_LORA:
+        tl.store(lora_act_ptr + rows[:, None] * stride_lam + ranks[None, :], lora_acc,
+                 mask=row_ok[:, None] & (ranks[None, :] < R))  # fmt: skip
+
+
+@triton.jit
+def _smoothed(x_ptr, smooth_ptr, rows, row_ok, k, K, stride_xm, HAS_SMOOTH: tl.constexpr):
+    """x / smooth for one tile, float32 (0 past M and K)."""
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :],
+                mask=row_ok[:, None] & (k[None, :] < K), other=0.0).to(tl.float32)  # fmt: skip
+    if HAS_SMOOTH:
+        x = tl.math.div_rn(x, tl.load(smooth_ptr + k, mask=k < K, other=1.0)[None, :])
+    return x
+
+
+@triton.jit
+def _down(x_s, lora_down_ptr, lora_acc, k, ranks, K, R, stride_ldr, DOT_PRECISION: tl.constexpr):
+    """lora_acc + x_s (in lora_down's dtype) · lora_down[:, k]ᵀ."""
+    down = tl.load(lora_down_ptr + ranks[None, :] * stride_ldr + k[:, None],
+                   mask=(k[:, None] < K) & (ranks[None, :] < R), other=0.0)  # fmt: skip
+    return mma(cast_rne(x_s, lora_down_ptr.dtype.element_ty), down, lora_acc, DOT_PRECISION)
+
+
+@triton.jit(do_not_specialize=ROWS)
+def _w4a8_kernel(
+    # pointers
+    a_ptr,  # int8 [M, K]
+    a_scale_ptr,  # float32 [M] or []
+    w_ptr,  # packed uint8 [N, Kp / 2]
+    g_ptr,  # uint8 [N, Kp / G]
+    s_ptr,  # float32 [N]
+    bias_ptr,
+    lora_act_ptr,
+    lora_up_ptr,
+    y_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    R,
+    # strides
+    stride_am,
+    stride_wn,
+    stride_gn,
+    stride_lam,
+    stride_lun,
+    stride_ym,
+    # meta-parameters
+    ROW_SCALE: tl.constexpr,
+    G: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    GROUPS: tl.constexpr = BLOCK_K // G if BLOCK_K >= G else 1  # group scales per step
+    rows, cols = tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    safe_rows = rows % M
+    safe_cols = cols % N
+    ks = tl.arange(0, BLOCK_K)
+    halves = tl.arange(0, BLOCK_K // 2)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptr + safe_rows[:, None] * stride_am + (k0 + ks)[None, :],
+                    mask=(k0 + ks)[None, :] < K, other=0)  # fmt: skip
+        # past K the packed bytes are the checkpoint's zero padding up to Kp, and beyond
+        # Kp the activation tile is 0, so every product there is 0
+        packed = tl.load(w_ptr + safe_cols[:, None] * stride_wn + (k0 // 2 + halves)[None, :],
+                         mask=(k0 + 2 * halves)[None, :] < K, other=0).to(tl.int32)  # fmt: skip
+        groups = k0 // G + tl.arange(0, GROUPS)
+        g = tl.load(g_ptr + safe_cols[:, None] * stride_gn + groups[None, :],
+                    mask=groups[None, :] * G < K, other=0).to(tl.int32)  # fmt: skip
+        # sign-extend each nibble with two shifts (low: bits 0-3, high: bits 4-7)
+        low = (packed << 28) >> 28
+        high = (packed << 24) >> 28
+        codes = tl.reshape(tl.join(low, high), (BLOCK_N, GROUPS, BLOCK_K // GROUPS))
+        w8 = tl.reshape(codes * g[:, :, None], (BLOCK_N, BLOCK_K)).to(tl.int8)
+        acc = tl.dot(a, tl.trans(w8), acc, out_dtype=tl.int32)
+    out = acc.to(tl.float32)
+    if ROW_SCALE:
+        out = out * tl.load(a_scale_ptr + safe_rows)[:, None]
+    else:
+        out = out * tl.load(a_scale_ptr)
+    out = out * tl.load(s_ptr + safe_cols)[None, :]
+    finish(
+        out, rows, cols, bias_ptr, lora_act_ptr, lora_up_ptr, y_ptr, M, N, R,
+        stride_lam, stride_lun, stride_ym,
+        HAS_BIAS=HAS_BIAS, HAS_LORA=HAS_LORA, DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R,
+    )  # fmt: skip
+
+
+def quantize_act_w4a8(
+    x: torch.Tensor,
+    smooth: torch.Tensor | None,
+    lora_down: torch.Tensor | None,
+    input_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The activation pass: (x_q int8 [M, K], scale float32 [M] or the static [],
+    lora_act float32 [M, R] or None); see ``reference.w4a8.quantize_act_w4a8``."""
+    x2 = rows_view(x)
+    m, k = x2.shape
+    dynamic = input_scale is None
+    q = alloc((m, k), torch.int8, x.device)
+    scale = alloc((m,), torch.float32, x.device) if dynamic else input_scale.reshape(())
+    scale = scale if dynamic else scale.to(torch.float32).contiguous()
+    rank = 0 if lora_down is None else lora_down.shape[0]
+    lora_act = None
+    if lora_down is not None:
+        lora_down = lora_down if lora_down.stride(-1) == 1 else lora_down.contiguous()
+        lora_act = alloc((m, rank), torch.float32, x.device)
+
+    def launch(c):
+        _act_w4a8_kernel[(triton.cdiv(m, c.meta["BLOCK_M"]),)](
+            x2, ptr(smooth, x2), scale, ptr(lora_down, x2), q, ptr(lora_act, x2),
+            m, k, rank, x2.stride(0), q.stride(0), row_stride(lora_down), row_stride(lora_act),
+            DYNAMIC=dynamic, HAS_SMOOTH=smooth is not None, HAS_LORA=lora_down is not None,
+            DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=max(16, triton.next_power_of_2(rank)),
+            **c.kwargs(),
+        )  # fmt: skip
+
+    if m:
+        if x.dtype is torch.float32:
+            launch(_ACT_FLOAT32)
+        else:
+            key = (m_bucket(m), k, dynamic, rank, x.dtype)
+            launch(_ACT_TUNER.pick(key, x.device, launch, tune=tunes(x.dtype, k)))
+    return q, scale, lora_act
+
+
+def linear_w4a8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    group_scale: torch.Tensor,
+    channel_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    lora_down: torch.Tensor | None,
+    lora_up: torch.Tensor | None,
+    input_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """The W4A8 linear: the activation pass, then the GEMM. y [..., N] in x.dtype."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    g = 2 * weight.shape[1] // group_scale.shape[1]  # Kp / (Kp / G)
+    x_q, x_scale, lora_act = quantize_act_w4a8(x, smooth, lora_down, input_scale)
+    m = x_q.shape[0]
+    w = weight.contiguous()
+    gs = group_scale.contiguous()
+    s = channel_scale.reshape(-1).to(torch.float32).contiguous()
+    lora_up = None if lora_up is None else lora_up.contiguous()
+    rank = 0 if lora_down is None else lora_down.shape[0]
+    y = alloc((m, n), x.dtype, x.device)
+
+    def launch(c):
+        _w4a8_kernel[grid_2d(m, n, c)](
+            x_q, x_scale, w, gs, s, ptr(bias, w), ptr(lora_act, w), ptr(lora_up, w), y,
+            m, n, k, rank,
+            x_q.stride(0), w.stride(0), gs.stride(0), row_stride(lora_act), row_stride(lora_up),
+            y.stride(0),
+            ROW_SCALE=input_scale is None, G=g,
+            HAS_BIAS=bias is not None, HAS_LORA=lora_act is not None,
+            DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=max(16, triton.next_power_of_2(rank)),
+            GROUP_M=GROUP_M, **c.kwargs(),
+        )  # fmt: skip
+
+    if m:
+        key = (m_bucket(m), n, k, g, rank, input_scale is None, x.dtype)
+        # the GEMM multiplies int8 operands whatever x's dtype: float32 models tune too
+        launch(_TUNER.pick(key, x.device, launch, tune=tunes(torch.int8, k, n)))
+    return y.view(*x.shape[:-1], n)
