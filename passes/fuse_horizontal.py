@@ -14,7 +14,7 @@ each weight and scale read by that one call only. `fuse_groups` rewrites a copy 
 graph module: each group becomes one call on new inputs (the concatenated weight,
 scale and bias, appended after the graph's inputs, group by group), whose output is
 sliced back into the members' outputs. A member output a `view` read becomes a
-`reshape` (a slice along the last dim may not be viewable). 4-bit W4A4 / W4A16 calls
+`reshape` (a slice along the last dim may not be viewable). 4-bit W4A4 / W4A8 / W4A16 calls
 are not fused: their per-tensor global scales and low-rank branches differ per layer.
 Pre: a lowered graph whose weights are placeholders. Post: the fused graph computes
 the same values (each output column is the same dot product).

@@ -31,6 +31,7 @@ from qcompile.schemes import (
     QuantizedWeight,
     pack_weight,
     tensor_names,
+    weight_impl,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def quantize_weights(
                 f"{fqn}.weight contains NaN or Inf; fix the checkpoint or exclude the layer"
             )
         with torch.no_grad():
-            packed[fqn] = pack_weight(weight, scheme.weight)
+            packed[fqn] = pack_weight(weight, scheme.weight, weight_impl(scheme))
         if INPUT_SCALE in tensor_names(scheme):
             if input_scales is None or fqn not in input_scales:
                 raise WeightError(

@@ -34,6 +34,7 @@ _X_IS_FIRST = (  # ops whose first argument is the 16-bit input; the weight come
     torch.ops.qcompile.linear_int4_wo.default,
     torch.ops.qcompile.linear_w4a16.default,
     torch.ops.qcompile.linear_w4a4.default,
+    torch.ops.qcompile.linear_w4a8.default,
 )
 _X_QUANTIZED = (  # (x_q, x_scale, weight, ...): x is what the quantize node read
     torch.ops.qcompile.linear_int8_w8a8.default,

@@ -29,7 +29,7 @@ from qcompile.schemes import (
     QuantizedWeight,
     linear,
     tensor_names,
-    weight_format_impl,
+    weight_impl,
 )
 from qcompile.svdquant import quantize_layer, split_layer
 
@@ -80,7 +80,7 @@ class QuantizedLinear(nn.Linear):
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight [N, K] this layer computes with (branch and smoothing
         folded back in)."""
-        impl = weight_format_impl(self.scheme.weight)
+        impl = weight_impl(self.scheme)
         weight = impl.dequantize(self.quantized_tensors, self.scheme.weight, self.in_features)
         if self.scheme.rank:
             up, down = getattr(self, LORA_UP).float(), getattr(self, LORA_DOWN).float()

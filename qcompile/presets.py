@@ -82,6 +82,12 @@ register_recipe(
         rank=DEFAULT_RANK,
     )
 )
+# W4A8: 4-bit weights in memory, int8 × int8 tensor-core MMA (Hopper has no 4-bit MMA)
+_INT8_DYNAMIC = ActivationSpec(ActivationMode.DYNAMIC, ActivationFormat.INT8)
+register_recipe(Recipe("w4a8", _INT4_G64, _INT8_DYNAMIC))
+register_recipe(
+    Recipe("svdq-w4a8", _INT4_G64, _INT8_DYNAMIC, smooth=SmoothSpec(), rank=DEFAULT_RANK)
+)
 register_recipe(
     Recipe(
         "svdq-nvfp4",
@@ -96,7 +102,9 @@ register_recipe(
 # Family presets: the 4-bit presets with the family's 16-bit layers spelled out.
 # (The low-rank branch is never a candidate: it is added after selection.)
 _FAMILY_PRESET_PREFIX = {"flux": FLUX, "sd3": SD3, "sdxl": UNET}
-FAMILY_PRESET_BASES = ("svdq-w4a4", "svdq-w4a16", "svdq-nvfp4", "mxfp4-wo", "nvfp4")
+FAMILY_PRESET_BASES = (
+    "svdq-w4a4", "svdq-w4a8", "svdq-w4a16", "svdq-nvfp4", "mxfp4-wo", "nvfp4",
+)  # fmt: skip
 for _prefix, _family in _FAMILY_PRESET_PREFIX.items():
     for _base in FAMILY_PRESET_BASES:
         register_recipe(

@@ -289,12 +289,23 @@ class Recipe:
                 f"a low-rank branch (rank={self.rank}) pairs with 4-bit weights "
                 f"(int4, mxfp4, nvfp4), not {self.weight.format.value}; set rank=0"
             )
+        w4a8 = self.weight.format is WeightFormat.INT4 and (
+            self.activation.format is ActivationFormat.INT8
+        )
         if self.smooth is not None and self.activation.format not in FOUR_BIT_ACTIVATIONS:
-            raise RecipeError(
-                "smoothing moves activation outliers into the weights before the activation "
-                "is quantized; it needs 4-bit dynamic activations (int4, mxfp4, nvfp4). "
-                "Drop smooth= or quantize the activations"
-            )
+            if not w4a8:
+                raise RecipeError(
+                    "smoothing moves activation outliers into the weights before the "
+                    "activation is quantized; it needs 4-bit dynamic activations (int4, "
+                    "mxfp4, nvfp4) or int4 weights with int8 activations (W4A8). Drop "
+                    "smooth= or quantize the activations"
+                )
+            if self.activation.mode is ActivationMode.STATIC:
+                raise RecipeError(
+                    "W4A8 with smoothing quantizes the smoothed activation, whose scale "
+                    "calibration does not observe; use activation mode 'dynamic' with "
+                    "smooth=, or a static scale without smooth="
+                )
 
     @property
     def needs_calibration(self) -> bool:
@@ -376,6 +387,7 @@ def resolve_recipe(recipe: str | Recipe) -> Recipe:
 
 _PAIRS = (
     (WeightFormat.INT8, ActivationFormat.INT8),
+    (WeightFormat.INT4, ActivationFormat.INT8),  # W4A8: int4 weights widened to int8
     (WeightFormat.FP8_E4M3, ActivationFormat.FP8_E4M3),
     (WeightFormat.INT4, ActivationFormat.INT4),
     (WeightFormat.MXFP4, ActivationFormat.MXFP4),

@@ -1,7 +1,9 @@
 """Registry from a weight format to its implementation: quantizer, dequantizer, op.
 
 Passes and modules never branch on the format; they look it up here
-(`weight_format_impl`). A new format registers one `WeightFormatImpl`.
+(`weight_impl` for a layer's scheme, `weight_format_impl` for a format). A new format
+registers one `WeightFormatImpl`; W4A8 (INT4 weights with INT8 activations) stores its
+INT4 weight differently, with integer group scales (`W4A8_WEIGHT`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from qcompile.recipes import (
 WEIGHT = "weight"
 WEIGHT_SCALE = "weight_scale"
 WEIGHT_GLOBAL_SCALE = "weight_global_scale"  # NVFP4's float32 per-tensor scale
+WEIGHT_GROUP_SCALE = "weight_group_scale"  # W4A8's integer (uint8) scale per group
 INPUT_SCALE = "input_scale"
 SMOOTH = "smooth"  # float32 [K]: the activation is divided by it before quantization
 LORA_DOWN = "lora_down"  # 16-bit [R, K]
@@ -75,9 +78,24 @@ def weight_format_impl(spec: WeightSpec) -> WeightFormatImpl:
 PACK_CHUNK_BYTES = 8 << 20
 
 
-def pack_weight(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
-    """Quantize and pack a float [N, K] weight; bitwise what `impl.quantize` returns."""
-    impl = weight_format_impl(spec)
+def weight_impl(scheme: LayerScheme) -> WeightFormatImpl:
+    """How a layer of `scheme` stores its weight: its format's, except for W4A8, whose
+    INT4 weight has integer group scales the 8-bit MMA can use (`W4A8_WEIGHT`)."""
+    return W4A8_WEIGHT if is_w4a8(scheme) else weight_format_impl(scheme.weight)
+
+
+def is_w4a8(scheme: LayerScheme) -> bool:
+    return scheme.weight.format is WeightFormat.INT4 and (
+        scheme.activation.format is ActivationFormat.INT8
+    )
+
+
+def pack_weight(
+    weight: torch.Tensor, spec: WeightSpec, impl: WeightFormatImpl | None = None
+) -> QuantizedWeight:
+    """Quantize and pack a float [N, K] weight with `impl` (default: the format's);
+    bitwise what `impl.quantize` returns."""
+    impl = impl or weight_format_impl(spec)
     n = weight.shape[0]
     rows = max(1, PACK_CHUNK_BYTES // (4 * max(1, weight.shape[1])))
     if n <= rows or weight.is_meta or not impl.rowwise(spec):
@@ -168,6 +186,24 @@ def _fp4(fmt: WeightFormat) -> WeightFormatImpl:
 
 LINEAR_W4A16 = torch.ops.qcompile.linear_w4a16.default
 LINEAR_W4A4 = torch.ops.qcompile.linear_w4a4.default
+LINEAR_W4A8 = torch.ops.qcompile.linear_w4a8.default
+
+
+def _w4a8_quantize(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
+    packed, group_scale, channel_scale = reference.w4a8.quantize_w4a8_weight(
+        weight, spec.group_size
+    )
+    return {WEIGHT: packed, WEIGHT_GROUP_SCALE: group_scale, WEIGHT_SCALE: channel_scale}
+
+
+W4A8_WEIGHT = WeightFormatImpl(
+    quantize=_w4a8_quantize,
+    dequantize=lambda t, spec, k: reference.w4a8.dequantize_w4a8_weight(
+        t[WEIGHT], t[WEIGHT_GROUP_SCALE], t[WEIGHT_SCALE], k
+    ),
+    op=LINEAR_W4A8,
+    rowwise=lambda spec: True,
+)
 register_weight_format(WeightFormat.MXFP4, _fp4(WeightFormat.MXFP4))
 register_weight_format(WeightFormat.NVFP4, _fp4(WeightFormat.NVFP4))
 
@@ -199,6 +235,8 @@ def tensor_names(scheme: LayerScheme) -> tuple[str, ...]:
     names = [WEIGHT, WEIGHT_SCALE]
     if scheme.weight.format is WeightFormat.NVFP4:
         names.append(WEIGHT_GLOBAL_SCALE)
+    if is_w4a8(scheme):
+        names.append(WEIGHT_GROUP_SCALE)
     if scheme.activation.mode is ActivationMode.STATIC:
         names.append(INPUT_SCALE)
     if scheme.smooth:
@@ -218,6 +256,10 @@ def fused_call(scheme: LayerScheme, x, t: dict, bias) -> tuple | None:
     if op is None:
         return None
     w = scheme.weight
+    if op is LINEAR_W4A8:
+        branch = (t.get(SMOOTH), t.get(LORA_DOWN), t.get(LORA_UP), t.get(INPUT_SCALE))
+        return op, (x, t[WEIGHT], t[WEIGHT_GROUP_SCALE], t[WEIGHT_SCALE], bias, *branch,
+                    w.group_size)  # fmt: skip
     common = (x, t[WEIGHT], t[WEIGHT_SCALE], t.get(WEIGHT_GLOBAL_SCALE), bias)
     branch = (t.get(LORA_DOWN), t.get(LORA_UP), w.format.value, w.group_size)
     if op is LINEAR_W4A4:
@@ -226,7 +268,9 @@ def fused_call(scheme: LayerScheme, x, t: dict, bias) -> tuple | None:
 
 
 def fused_op(scheme: LayerScheme):
-    """The single 4-bit op of a scheme (W4A4, or FP4 / low-rank W4A16), else None."""
+    """The single 4-bit op of a scheme (W4A8, W4A4, or FP4 / low-rank W4A16), else None."""
+    if is_w4a8(scheme):
+        return LINEAR_W4A8
     if scheme.activation.format in FOUR_BIT_ACTIVATIONS:
         return LINEAR_W4A4
     if scheme.weight.format in FP4_BLOCK or scheme.rank:

@@ -26,7 +26,7 @@ from qcompile.schemes import (
     linear,
     pack_weight,
     tensor_names,
-    weight_format_impl,
+    weight_impl,
 )
 
 # Channels whose calibration max is below this never saw signal: s = 1 leaves them be.
@@ -106,7 +106,7 @@ def empty_layer(
 ) -> QuantizedWeight:
     """Meta tensors with the shapes and dtypes a layer of `scheme` owns (for loading)."""
     meta = torch.empty(out_features, in_features, device="meta")
-    tensors = weight_format_impl(scheme.weight).quantize(meta, scheme.weight)
+    tensors = weight_impl(scheme).quantize(meta, scheme.weight)
     if INPUT_SCALE in tensor_names(scheme):
         tensors[INPUT_SCALE] = torch.empty((), device="meta")
     if scheme.smooth:
@@ -119,7 +119,7 @@ def empty_layer(
 
 def quantize_layer(parts: LayerParts, scheme: LayerScheme) -> QuantizedWeight:
     """Pack a split layer: {buffer name: tensor} as `QuantizedLinear` owns them."""
-    tensors = pack_weight(parts.residual, scheme.weight)
+    tensors = pack_weight(parts.residual, scheme.weight, weight_impl(scheme))
     if parts.smooth is not None:
         tensors[SMOOTH] = parts.smooth
     if parts.down is not None:

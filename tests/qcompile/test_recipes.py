@@ -140,7 +140,7 @@ def test_a_misspelled_preset_gets_a_suggestion():
     with pytest.raises(RecipeError, match=r"did you mean 'int8-wo'( or '[\w-]+')*\? "):
         qcompile.get_recipe("int8-w0")
     with pytest.raises(RecipeError, match=r"did you mean 'svdq-w4a4'"):
-        qcompile.get_recipe("svdq-w4a8")
+        qcompile.get_recipe("svdq-w4a44")
 
 
 @pytest.mark.parametrize(
@@ -155,3 +155,26 @@ def test_replace_with_a_wrong_part_is_a_recipe_error(change, what):
     # Recipe.replace(weight=None) raised AttributeError from inside the validation.
     with pytest.raises(RecipeError, match=what):
         qcompile.get_recipe("int8-wo").replace(**change)
+
+
+def test_w4a8_presets_pair_int4_weights_with_int8_activations():
+    svdq, plain = qcompile.get_recipe("svdq-w4a8"), qcompile.get_recipe("w4a8")
+    for recipe in (svdq, plain):
+        assert recipe.weight.format.value == "int4" and recipe.weight.group_size == 64
+        assert recipe.activation.format.value == "int8"
+        assert recipe.activation.mode.value == "dynamic"
+    assert svdq.rank == 32 and svdq.smooth is not None and svdq.needs_calibration
+    assert plain.rank == 0 and plain.smooth is None and not plain.needs_calibration
+    assert qcompile.get_recipe("flux-svdq-w4a8").exclude  # a family preset too
+
+
+def test_w4a8_smoothing_needs_dynamic_activations():
+    from qcompile.recipes import ActivationSpec, SmoothSpec
+
+    static = ActivationSpec("static", "int8")
+    int4 = WeightSpec("int4", "per_group", 64)
+    Recipe("w4a8-static", int4, static)  # a calibrated scale alone is fine
+    with pytest.raises(RecipeError, match="use activation mode 'dynamic' with smooth="):
+        Recipe("x", int4, static, smooth=SmoothSpec())
+    with pytest.raises(RecipeError, match=r"or int4 weights with int8 activations \(W4A8\)"):
+        Recipe("x", WeightSpec("int8"), ActivationSpec("dynamic", "int8"), smooth=SmoothSpec())
