@@ -45,6 +45,7 @@ class MainLoop:
     barriers: int = 0  # BAR.SYNC / BAR.ARV
     wgmma_wait: int = -1  # smallest WARPGROUP.DEPBAR depth in the loop; -1 without wgmma
     loops: int = 0  # backward branches in the kernel
+    pass_instructions: int = 0  # the outermost loops together: a row pass's K walk(s)
 
 
 def sass(cubin: bytes) -> str:
@@ -77,14 +78,14 @@ def main_loop(text: str) -> MainLoop:
             opcodes.append((opcode, operands))
     bodies = [opcodes[first : last + 1] for first, last in loops]
     with_mma = [b for b in bodies if any(_macs(op) for op, _ in b)]
-    if with_mma:  # innermost: the shortest body that multiplies
-        body = min(with_mma, key=len)
-    else:  # a row pass: each outermost loop walks K once (dynamic scales walk it twice)
-        outer = [(f, la) for f, la in loops if not any(g < f and la < h for g, h in loops)]
-        body = [instruction for f, la in outer for instruction in opcodes[f : la + 1]]
+    # a row pass walks K once per outermost loop (dynamic scales walk it twice)
+    outer = [(f, la) for f, la in loops if not any(g < f and la < h for g, h in loops)]
+    passes = [instruction for f, la in outer for instruction in opcodes[f : la + 1]]
+    body = min(with_mma, key=len) if with_mma else passes  # innermost that multiplies
     if not body:
         return MainLoop(loops=0)
     loop = MainLoop(found=True, instructions=len(body), loops=len(loops))
+    loop.pass_instructions = len(passes)
     waits = []
     for opcode, operands in body:
         macs = _macs(opcode)

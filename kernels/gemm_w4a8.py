@@ -28,14 +28,16 @@ import triton.language as tl
 from qcompile.kernels.gemm_parts import GROUP_M, dot_precision, finish, grid_2d, tile
 from qcompile.kernels.numerics import alloc, cast_rne, mma, ptr, rne, row_stride, rows_view
 from qcompile.kernels.reference.int8 import INT8_MAX
+from qcompile.kernels.reference.w4a8 import PACK_BLOCK
 from qcompile.kernels.tuning import ROWS, Tuner, config, m_bucket, tunes
 
 QMAX = tl.constexpr(INT8_MAX)  # a global a @triton.jit body may read
+SIGN_BITS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32
 
 _ACT_TUNER = Tuner(
     "quantize_act_w4a8",
-    # (16 × 128 spills the static pass with a branch on sm_80/89: 168 registers)
-    default=config(BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=2),
+    # (every config here compiles without spills on sm_80/89/90, Triton 3.6 and 3.9)
+    default=config(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=2),
     hopper=[
         config(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=2),
         config(BLOCK_M=8, BLOCK_K=256, num_warps=4, num_stages=2),
@@ -47,16 +49,16 @@ _ACT_FLOAT32 = config(BLOCK_M=8, BLOCK_K=64, num_warps=4, num_stages=1)
 
 _TUNER = Tuner(
     "linear_w4a8",
-    default=config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    default=config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     hopper=[
         # large M: the 8-bit MMA's tiles; two CTAs per SM hide the int32-accumulator
         # wgmma that Triton keeps synchronous (see gemm_w8a8.py)
-        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
-        config(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-        config(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+        config(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4),
+        config(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4),
+        config(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3),
         # small M: narrow column tiles, the weight streamed by every SM
-        config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
-        config(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
+        config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
+        config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=4),
     ],
 )
 
@@ -65,8 +67,9 @@ _TUNER = Tuner(
 def _act_w4a8_kernel(
     # pointers
     x_ptr,
-    smooth_ptr,
-    scale_ptr,  # static: the input float32 scalar; dynamic: the output float32 [M]
+    inv_smooth_ptr,  # float32 [K]: 1 / smooth, divided once by the launcher
+    scale_ptr,  # dynamic: the output float32 [M]
+    inv_scale_ptr,  # static: 1 / the input scale, a float32 scalar
     lora_down_ptr,
     q_ptr,
     lora_act_ptr,
@@ -96,22 +99,24 @@ def _act_w4a8_kernel(
     if DYNAMIC:  # first read: the row's max|x_s| and the low-rank branch
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            x_s = _smoothed(x_ptr, smooth_ptr, rows, row_ok, k0 + cols, K, stride_xm, HAS_SMOOTH)
+            x_s = _smoothed(x_ptr, inv_smooth_ptr, rows, row_ok, k0 + cols, K, stride_xm,
+                            HAS_SMOOTH)  # fmt: skip
             amax = tl.maximum(amax, tl.max(tl.abs(x_s), axis=1))
             if HAS_LORA:
                 lora_acc = _down(x_s, lora_down_ptr, lora_acc, k0 + cols, ranks, K, R,
                                  stride_ldr, DOT_PRECISION)  # fmt: skip
         scale = tl.where(amax > 0, tl.math.div_rn(amax, QMAX), 1.0)
         tl.store(scale_ptr + rows, scale, mask=row_ok)
+        inv_scale = tl.math.div_rn(1.0, scale)  # one division per row, not per x
     else:
-        scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scale_ptr)
+        inv_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(inv_scale_ptr)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + cols
-        x_s = _smoothed(x_ptr, smooth_ptr, rows, row_ok, k, K, stride_xm, HAS_SMOOTH)
+        x_s = _smoothed(x_ptr, inv_smooth_ptr, rows, row_ok, k, K, stride_xm, HAS_SMOOTH)
         if HAS_LORA and not DYNAMIC:
             lora_acc = _down(x_s, lora_down_ptr, lora_acc, k, ranks, K, R, stride_ldr,
                              DOT_PRECISION)  # fmt: skip
-        v = tl.math.div_rn(x_s, scale[:, None])
+        v = x_s * inv_scale[:, None]
         q = rne(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(tl.int8)
         tl.store(q_ptr + rows[:, None] * stride_qm + k[None, :], q,
                  mask=row_ok[:, None] & (k[None, :] < K))  # fmt: skip
@@ -121,12 +126,12 @@ def _act_w4a8_kernel(
 
 
 @triton.jit
-def _smoothed(x_ptr, smooth_ptr, rows, row_ok, k, K, stride_xm, HAS_SMOOTH: tl.constexpr):
-    """x / smooth for one tile, float32 (0 past M and K)."""
+def _smoothed(x_ptr, inv_smooth_ptr, rows, row_ok, k, K, stride_xm, HAS_SMOOTH: tl.constexpr):
+    """x · (1 / smooth) for one tile, float32 (0 past M and K)."""
     x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :],
                 mask=row_ok[:, None] & (k[None, :] < K), other=0.0).to(tl.float32)  # fmt: skip
     if HAS_SMOOTH:
-        x = tl.math.div_rn(x, tl.load(smooth_ptr + k, mask=k < K, other=1.0)[None, :])
+        x = x * tl.load(inv_smooth_ptr + k, mask=k < K, other=1.0)[None, :]
     return x
 
 
@@ -143,7 +148,7 @@ def _w4a8_kernel(
     # pointers
     a_ptr,  # int8 [M, K]
     a_scale_ptr,  # float32 [M] or []
-    w_ptr,  # packed uint8 [N, Kp / 2]
+    w_ptr,  # int32 words of the packed weight [N, Kp / 8] (see reference.w4a8)
     g_ptr,  # uint8 [N, Kp / G]
     s_ptr,  # float32 [N]
     bias_ptr,
@@ -170,33 +175,27 @@ def _w4a8_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # = PACK_BLOCK: one packed block of 64 per step
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    GROUPS: tl.constexpr = BLOCK_K // G if BLOCK_K >= G else 1  # group scales per step
     rows, cols = tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     safe_rows = rows % M
     safe_cols = cols % N
     ks = tl.arange(0, BLOCK_K)
-    halves = tl.arange(0, BLOCK_K // 2)
+    words = tl.arange(0, BLOCK_K // 8)  # 8 int32 words = 32 bytes = one 64-wide block
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptr + safe_rows[:, None] * stride_am + (k0 + ks)[None, :],
                     mask=(k0 + ks)[None, :] < K, other=0)  # fmt: skip
-        # past K the packed bytes are the checkpoint's zero padding up to Kp, and beyond
-        # Kp the activation tile is 0, so every product there is 0
-        packed = tl.load(w_ptr + safe_cols[:, None] * stride_wn + (k0 // 2 + halves)[None, :],
-                         mask=(k0 + 2 * halves)[None, :] < K, other=0).to(tl.int32)  # fmt: skip
-        groups = k0 // G + tl.arange(0, GROUPS)
-        g = tl.load(g_ptr + safe_cols[:, None] * stride_gn + groups[None, :],
-                    mask=groups[None, :] * G < K, other=0).to(tl.int32)  # fmt: skip
-        # sign-extend each nibble with two shifts (low: bits 0-3, high: bits 4-7)
-        low = (packed << 28) >> 28
-        high = (packed << 24) >> 28
-        codes = tl.reshape(tl.join(low, high), (BLOCK_N, GROUPS, BLOCK_K // GROUPS))
-        w8 = tl.reshape(codes * g[:, :, None], (BLOCK_N, BLOCK_K)).to(tl.int8)
-        acc = tl.dot(a, tl.trans(w8), acc, out_dtype=tl.int32)
+        # the block is whole (Kp is a multiple of 64); past K its weights are 0
+        w = tl.load(w_ptr + safe_cols[:, None] * stride_wn + (k0 // 8 + words)[None, :])
+        g_low = tl.load(g_ptr + safe_cols * stride_gn + k0 // G).to(tl.int32)
+        g_high = tl.load(g_ptr + safe_cols * stride_gn + (k0 + BLOCK_K // 2) // G).to(tl.int32)
+        low = _widen(w & 0x0F0F0F0F, g_low, BLOCK_N, BLOCK_K // 2)
+        high = _widen((w >> 4) & 0x0F0F0F0F, g_high, BLOCK_N, BLOCK_K // 2)
+        both = tl.permute(tl.join(low, high), (0, 2, 1))  # [BLOCK_N, 2, 32]: k = 32h + j
+        acc = tl.dot(a, tl.trans(tl.reshape(both, (BLOCK_N, BLOCK_K))), acc, out_dtype=tl.int32)
     out = acc.to(tl.float32)
     if ROW_SCALE:
         out = out * tl.load(a_scale_ptr + safe_rows)[:, None]
@@ -208,6 +207,20 @@ def _w4a8_kernel(
         stride_lam, stride_lun, stride_ym,
         HAS_BIAS=HAS_BIAS, HAS_LORA=HAS_LORA, DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R,
     )  # fmt: skip
+
+
+@triton.jit
+def _widen(nibbles, g, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """int32 words holding four offset codes u ∈ [1, 15] (one per byte) → int8 [ROWS,
+    COLS] weights (u − 8)·g, four per three word operations: each byte becomes
+    u·g + 128 − 8g ∈ [9, 247] without carrying into the next, and flipping its top bit
+    turns that into the signed (u − 8)·g (see reference.w4a8)."""
+    bias = (128 - 8 * g) * 0x01010101
+    biased = (nibbles * g[:, None] + bias[:, None]) ^ SIGN_BITS
+    b0, b1 = biased.to(tl.int8), (biased >> 8).to(tl.int8)
+    b2, b3 = (biased >> 16).to(tl.int8), (biased >> 24).to(tl.int8)
+    # join stacks along a new last axis: ((b0, b2), (b1, b3)) flattens to b0 b1 b2 b3
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (ROWS, COLS))
 
 
 def quantize_act_w4a8(
@@ -222,8 +235,15 @@ def quantize_act_w4a8(
     m, k = x2.shape
     dynamic = input_scale is None
     q = alloc((m, k), torch.int8, x.device)
-    scale = alloc((m,), torch.float32, x.device) if dynamic else input_scale.reshape(())
-    scale = scale if dynamic else scale.to(torch.float32).contiguous()
+    if dynamic:
+        scale = alloc((m,), torch.float32, x.device)
+        inv_scale = scale  # unread
+    else:
+        scale = input_scale.reshape(()).to(torch.float32)
+        inv_scale = 1.0 / scale  # correctly rounded, once per call (reference.w4a8)
+    # 1 / smooth once per call: an IEEE division in the kernel is a slow-path call whose
+    # saved registers spill
+    inv_smooth = None if smooth is None else 1.0 / smooth.to(torch.float32)
     rank = 0 if lora_down is None else lora_down.shape[0]
     lora_act = None
     if lora_down is not None:
@@ -232,7 +252,7 @@ def quantize_act_w4a8(
 
     def launch(c):
         _act_w4a8_kernel[(triton.cdiv(m, c.meta["BLOCK_M"]),)](
-            x2, ptr(smooth, x2), scale, ptr(lora_down, x2), q, ptr(lora_act, x2),
+            x2, ptr(inv_smooth, x2), scale, inv_scale, ptr(lora_down, x2), q, ptr(lora_act, x2),
             m, k, rank, x2.stride(0), q.stride(0), row_stride(lora_down), row_stride(lora_act),
             DYNAMIC=dynamic, HAS_SMOOTH=smooth is not None, HAS_LORA=lora_down is not None,
             DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=max(16, triton.next_power_of_2(rank)),
@@ -263,9 +283,14 @@ def linear_w4a8(
     k = x.shape[-1]
     n = weight.shape[0]
     g = 2 * weight.shape[1] // group_scale.shape[1]  # Kp / (Kp / G)
+    if weight.shape[1] % (PACK_BLOCK // 2):
+        raise ValueError(
+            f"linear_w4a8: packed weight {tuple(weight.shape)} is not whole {PACK_BLOCK}-wide "
+            "blocks; pack it with reference.w4a8.quantize_w4a8_weight"
+        )
     x_q, x_scale, lora_act = quantize_act_w4a8(x, smooth, lora_down, input_scale)
     m = x_q.shape[0]
-    w = weight.contiguous()
+    w = weight.contiguous().view(torch.int32)  # four packed bytes per word
     gs = group_scale.contiguous()
     s = channel_scale.reshape(-1).to(torch.float32).contiguous()
     lora_up = None if lora_up is None else lora_up.contiguous()
@@ -281,7 +306,7 @@ def linear_w4a8(
             ROW_SCALE=input_scale is None, G=g,
             HAS_BIAS=bias is not None, HAS_LORA=lora_act is not None,
             DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=max(16, triton.next_power_of_2(rank)),
-            GROUP_M=GROUP_M, **c.kwargs(),
+            BLOCK_K=PACK_BLOCK, GROUP_M=GROUP_M, **c.kwargs(),
         )  # fmt: skip
 
     if m:

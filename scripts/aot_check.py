@@ -340,7 +340,7 @@ PTX_MMA = re.compile(r"\b(wgmma\.mma_async\S*|mma\.sync\S*)")
 # options, target, ptxas' version, cache-relevant environment) plus this gate's own
 # version: an unchanged launch is not compiled again on the same machine.
 RESULT_CACHE = Path(os.environ.get("QCOMPILE_AOT_CACHE", "~/.cache/qcompile/aot")).expanduser()
-GATE_VERSION = "3"
+GATE_VERSION = "4"
 
 
 def result_key(source: ASTSource, target: GPUTarget, options: dict) -> str:

@@ -63,7 +63,7 @@ def test_main_loop_reads_a_wgmma_loop():
 def test_main_loop_of_a_row_pass_is_both_loops():
     loop = main_loop(ROW_PASS)
     assert loop.found and loop.mma == 0 and loop.wgmma_wait == -1
-    assert loop.instructions == 3 + 5
+    assert loop.instructions == loop.pass_instructions == 3 + 5
     assert loop.ld_global == 2
 
 
