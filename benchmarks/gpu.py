@@ -90,7 +90,7 @@ FLUX_KN = ((3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 307
 # most telling first: the compute-bound Flux shape, decoding-like M = 1, then the rest
 GEMM_M = (4608, 1, 4096, 16, 1024, 256, 8, 4, 2)
 DRY_KN = ((64, 96), (96, 64))
-DRY_M = (32, 4, 1)
+DRY_M = (32, 1)
 ODD = (69, 200, 70)
 FLUX_CHECK = (512, 3072, 512)  # N kept small: the CPU references quantize the weight
 # Device-seconds the plan assumes (H100, measured nowhere yet: refine from a real run's

@@ -318,8 +318,11 @@ def compile_rows(rows=ROWS, jobs: int = os.cpu_count() or 1) -> dict[str, list[C
         launches[row.name] = [launch for launch in collected if launch.case in names]
     flat = [launch for row_launches in launches.values() for launch in row_launches]
     compile_one = partial(aot_check.compile_launch, cache=aot_check.RESULT_CACHE)
-    with ProcessPoolExecutor(max(jobs, 1)) as pool:
-        results = list(pool.map(compile_one, flat, chunksize=1))
+    if jobs <= 1:  # after the gate every result is cached: no worker processes to start
+        results = [compile_one(launch) for launch in flat]
+    else:
+        with ProcessPoolExecutor(jobs) as pool:
+            results = list(pool.map(compile_one, flat, chunksize=1))
     by_identity = {x.identity(): Compiled.of(r) for x, r in zip(flat, results, strict=True)}
     return {name: [by_identity[launch.identity()] for launch in row_launches]
             for name, row_launches in launches.items()}  # fmt: skip

@@ -2,21 +2,25 @@
 tensor-core MMA with exact int32 sums, SVDQuant's smoothing and low-rank branch.
 
 Formats and math: ``reference.w4a8`` (two-level weight scales: an integer group scale
-g ∈ [1, 17] times a float32 channel scale s, so the widened weight g·q is an exact
+g ∈ [1, 16] times a float32 channel scale s, so the widened weight g·q is an exact
 int8 and the K loop never rescales the accumulator). Two kernels per linear:
 
 - ``_act_w4a8_kernel``, the activation pass, one program per BLOCK_M rows: dynamic
-  scales walk K twice (the row's max|x / smooth| and the low-rank down-projection, then
-  the codes; the second read comes from L2), a static scale once.
-- ``_w4a8_kernel``, the GEMM: per K step the packed weight tile [BLOCK_N, BLOCK_K / 2]
-  and its group scales are loaded, each nibble sign-extended by two shifts and
-  multiplied by its group's g in int32, narrowed to int8 and multiplied with the int8
+  scales walk K twice (the row's max|x · (1/smooth)| and the low-rank down-projection,
+  then the codes; the second read comes from L2), a static scale once. The launcher
+  divides 1/smooth (and a static 1/scale) once per call: an IEEE division in the kernel
+  is a slow-path call whose saved registers spill.
+- ``_w4a8_kernel``, the GEMM, one packed 64-wide block per K step: the weight tile is
+  loaded as int32 words (four packed bytes each) with the block's two group scales, the
+  low and the high nibbles of every word become four int8 weights each with three word
+  operations (`_widen`), and the [BLOCK_N, 64] int8 tile is multiplied with the int8
   activation tile (wgmma on sm_90, mma.sync on sm_80/89). The epilogue applies the
   activation and channel scales, adds lora_act · lora_upᵀ and the bias, and writes y
   once (`gemm_parts.finish`).
 
 Reference: ``reference.w4a8.linear_w4a8``: codes and scales of the activation pass bit
-for bit, the GEMM to the rounding of the scale products (its integer sums are exact).
+for bit, the GEMM bit for bit without the branch (its integer sums are exact), to the
+branch's 16-bit rounding with it.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 # AOT_TRITONS (the GPU machines run 3.6), no GPU needed. Those extra Tritons install
 # beside the venv (.venv/aot/triton-X) and shadow its own through PYTHONPATH.
 # Then the performance model (benchmarks/roofline.py --check) on each Triton's sm_90 code:
-# a predicted ratio under its floor, or a main loop that lost its pipelining, fails.
+# a predicted ratio under its floor, or a main loop that lost its pipelining, fails
+# (in-process: the gate has just cached every result it reads).
 # Full results: build/aot/triton-X.json, build/aot/roofline-X.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ AOT_TRITONS=${AOT_TRITONS:-3.6.0}
 . .venv/bin/activate
 venv_triton=$(python -c 'import triton; print(triton.__version__)')
 python scripts/aot_check.py --json "build/aot/triton-$venv_triton.json"
-python -m benchmarks.roofline --check --json "build/aot/roofline-$venv_triton.json"
+python -m benchmarks.roofline --check --jobs 1 --json "build/aot/roofline-$venv_triton.json"
 for version in $AOT_TRITONS; do
     target=.venv/aot/triton-$version
     if [ ! -f "$target/triton/__init__.py" ]; then
@@ -20,6 +21,6 @@ for version in $AOT_TRITONS; do
     fi
     PYTHONPATH="$PWD/$target" python scripts/aot_check.py --triton "$version" \
         --json "build/aot/triton-$version.json"
-    PYTHONPATH="$PWD/$target" python -m benchmarks.roofline --check \
+    PYTHONPATH="$PWD/$target" python -m benchmarks.roofline --check --jobs 1 \
         --json "build/aot/roofline-$version.json"
 done

@@ -167,10 +167,16 @@ class QuantizationTesterMixin:
         # its own model: diffusers' save_pretrained (ConfigMixin.to_json_string, 0.42)
         # turns config["quantization_config"] into a dict in place, for every quantizer
         model = self._create_quantized_model(config_kwargs)
+        inputs = self.get_dummy_inputs()
+        with torch.no_grad():
+            before = model(**inputs, return_dict=False)[0]
         model.save_pretrained(str(tmp_path), safe_serialization=True)
         model_loaded = self.model_class.from_pretrained(str(tmp_path))
-        output = model_loaded(**self.get_dummy_inputs(), return_dict=False)[0]
+        with torch.no_grad():
+            output = model_loaded(**inputs, return_dict=False)[0]
         assert not torch.isnan(output).any()
+        # DIVERGENCE: upstream checks for NaN only; a qcompile checkpoint reloads bitwise
+        assert torch.equal(output, before)
 
     def _test_quantized_layers(self, config_kwargs):
         model_fp = self._load_unquantized_model()
