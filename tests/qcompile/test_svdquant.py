@@ -18,7 +18,7 @@ from .models import FAMILIES
 # Whole-model output SQNR vs float on the held-out batch-1 input; calibrated presets use
 # 4 batch-2 inputs of other seeds. Measured on torch 2.13 CPU (flux / sd3 / unet):
 # mxfp4-wo 33.61/37.41/18.08, nvfp4 33.90/37.43/17.26, svdq-w4a16 38.88/44.14/24.36,
-# svdq-w4a4 36.06/42.57/21.42, svdq-nvfp4 36.35/42.94/22.74, svdq-w4a8 39.38/45.82/23.96;
+# svdq-w4a4 36.06/42.57/21.42, svdq-nvfp4 36.35/42.94/22.74, svdq-w4a8 39.38/45.82/23.92;
 # floors sit 0.5 dB below.
 # (Tiny models are random-init: no trained outliers, so smoothing gains little here;
 # benchmarks/svdquant_ablation.py measures it on an outlier model.)
