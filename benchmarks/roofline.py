@@ -203,17 +203,17 @@ def model(
     if not loop.get("found") or c == 0:
         why = "did not compile" if not compiled.registers else "no main loop or no CTA fits"
         return Part(compiled.kernel, compiled.config, math.inf, why, c, loop)
+    # MMA work per CTA and iteration: one warp's stream × warpgroups (wgmma) or warps
+    per_cta = loop["macs"] * (warps // 4 if loop["mma_kind"] == "wgmma" else warps)
     if compiled.kernel in GEMMS:
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
         tiles = math.ceil(m / bm) * math.ceil(n / bn)
-        per_cta = loop["macs"] * (warps // 4 if loop["mma_kind"] == "wgmma" else warps)
-        group = meta.get("G", 1) if meta.get("G", 1) > 1 else 1
+        group = max(meta.get("G", 1), 1)
         padded_k = math.ceil(k / group) * group
         iterations = math.ceil(padded_k * bm * bn / per_cta)
     else:  # a row pass: BLOCK_M rows per program, K in BLOCK_K steps
         tiles = math.ceil(m / meta["BLOCK_M"])
         iterations = math.ceil(k / meta["BLOCK_K"])
-        per_cta = loop["macs"] * (warps // 4 if loop["mma_kind"] == "wgmma" else warps)
     tensor = 0.0
     if per_cta:
         rate = dict(machine.macs_per_clock)[loop["mma_bits"]]

@@ -155,6 +155,12 @@ def _w4_fake(x, weight, weight_scale, weight_global_scale, bias, lora_down, lora
     _check_linear(
         f"{fmt} linear", x, weight, weight_scale, groups * g // 2, weight.shape[0] * groups
     )
+    _check_branch(x, weight, lora_down, lora_up)
+    return _empty_output(x, weight)
+
+
+def _check_branch(x: Tensor, weight: Tensor, lora_down: Tensor | None, lora_up: Tensor | None):
+    """The low-rank branch's shapes: down [R, K], up [N, R]."""
     if lora_down is not None:
         torch._check(
             lora_up is not None
@@ -166,7 +172,14 @@ def _w4_fake(x, weight, weight_scale, weight_global_scale, bias, lora_down, lora
                 f"x [..., {x.shape[-1]}] and N={weight.shape[0]}"
             ),
         )
-    return _empty_output(x, weight)
+
+
+def _check_smooth(x: Tensor, smooth: Tensor | None):
+    if smooth is not None:
+        torch._check(
+            smooth.shape == (x.shape[-1],),
+            lambda: f"qcompile: smooth {tuple(smooth.shape)} does not fit x [..., {x.shape[-1]}]",
+        )
 
 
 @torch.library.custom_op("qcompile::linear_w4a16", mutates_args=())
@@ -226,11 +239,7 @@ def linear_w4a4(
 def _(
     x, weight, weight_scale, weight_global_scale, bias, smooth, lora_down, lora_up, fmt, group_size
 ):
-    if smooth is not None:
-        torch._check(
-            smooth.shape == (x.shape[-1],),
-            lambda: f"qcompile: smooth {tuple(smooth.shape)} does not fit x [..., {x.shape[-1]}]",
-        )
+    _check_smooth(x, smooth)
     return _w4_fake(
         x, weight, weight_scale, weight_global_scale, bias, lora_down, lora_up, fmt, group_size
     )
@@ -296,16 +305,6 @@ def _(
         input_scale is None or input_scale.numel() == 1,
         lambda: "qcompile.linear_w4a8: input_scale must be one float32 scalar (static)",
     )
-    if smooth is not None:
-        torch._check(
-            smooth.shape == (x.shape[-1],),
-            lambda: f"qcompile: smooth {tuple(smooth.shape)} does not fit x [..., {x.shape[-1]}]",
-        )
-    if lora_down is not None:
-        torch._check(
-            lora_up is not None
-            and lora_down.shape[1] == x.shape[-1]
-            and lora_up.shape == (weight.shape[0], lora_down.shape[0]),
-            lambda: "qcompile: linear_w4a8's low-rank branch does not fit x and N",
-        )
+    _check_smooth(x, smooth)
+    _check_branch(x, weight, lora_down, lora_up)
     return _empty_output(x, weight)
