@@ -7,6 +7,9 @@ kernel) and calls the launcher. CPU tensors keep running the references register
 
 FP8 (and the FP4 formats, whose scales or MMA operands are e4m3) needs sm_89 or newer;
 on older GPUs those ops run their reference on the GPU instead, with a one-time warning.
+On Blackwell, MXFP4/NVFP4 W4A4 with 16-bit activations runs the block-scaled MMA
+(``gemm_w4a4._w4a4_scaled_kernel``); with float32 activations, its reference (no W4A4
+kernel compiles spill-free for float32 there).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from qcompile.kernels import ops, reference
 log = logging.getLogger(__name__)
 
 FP8_CAPABILITY = (8, 9)
+BLOCK_SCALED_CAPABILITY = (10, 0)  # the FP4 block-scaled MMA: sm_100, sm_120
 # Weight formats whose kernels need FP8 (e4m3 operands or scales): sm_89 and newer.
 FP8_FORMATS = frozenset({"fp8", "mxfp4", "nvfp4"})
 
@@ -39,6 +43,19 @@ def _has_fp8(index: int) -> bool:
 
 def _fp8_ok(device: torch.device) -> bool:
     return _has_fp8(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@cache
+def _has_block_scaled(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= BLOCK_SCALED_CAPABILITY
+
+
+def block_scaled(device: torch.device) -> bool:
+    """Whether `device` has the FP4 block-scaled MMA (Blackwell: sm_100, sm_120)."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _has_block_scaled(index)
 
 
 @ops.linear_int8_wo.register_kernel("cuda")
@@ -118,6 +135,8 @@ def _(
     )  # fmt: skip
     if fmt in FP8_FORMATS and not _fp8_ok(x.device):
         return reference.w4.linear_w4a4(*args)
+    if fmt in FP8_FORMATS and x.dtype is torch.float32 and block_scaled(x.device):
+        return reference.w4.linear_w4a4(*args)  # no spill-free kernel there: gemm_w4a4.py
     from qcompile.kernels.gemm_w4a4 import linear_w4a4
 
     return linear_w4a4(*args)

@@ -4,7 +4,9 @@ GPU targets on this machine's Triton, with no GPU.
 Triton's interpreter (what the CPU test suite runs) never lowers a kernel to PTX, so a
 kernel that fails to compile, or needs more shared memory than a GPU has, passes there.
 This gate compiles each launch for sm_90, sm_89 and sm_80 with ``triton.compile`` and a
-``GPUTarget`` and fails on a compile error or shared memory over the target's limit.
+``GPUTarget`` and fails on a compile error or shared memory over the target's limit;
+Blackwell's block-scaled FP4 GEMM (MXFP4/NVFP4 W4A4, what only sm_100/sm_120 launch) is
+compiled for sm_100 and sm_120 as well.
 
 What is compiled is what the launchers launch, collected by running them: each launcher
 in ``qcompile.kernels`` is called on CPU tensors of every shape in ``SHAPES`` (a Flux
@@ -18,12 +20,14 @@ launch is tuned), and ops that run their reference below sm_89 (FP8, MXFP4, NVFP
 
 Each compiled kernel reports shared memory (from the compiler), registers and spills
 (ptxas' log) and the MMA instructions in its PTX; the gate also fails when a kernel that
-must use Hopper's ``wgmma`` (FP8 W8A8, W4A4's 8-bit MMA, for tiles of 64+ rows) does not.
+must use Hopper's ``wgmma`` (FP8 W8A8, W4A4's 8-bit MMA, for tiles of 64+ rows) does not,
+and when the block-scaled GEMM does not issue Blackwell's native FP4 MMA.
 On sm_90 it also reads the main loop from the SASS (``nvdisasm`` from the Triton wheel):
 instructions per warp per iteration, MMA work, TMA / cp.async / plain loads, and the
 wgmma wait depth: what ``benchmarks/roofline.py`` turns into a predicted time.
 
-    python scripts/aot_check.py [--cc 90 89 80] [--only NAME ...] [--json OUT] [--jobs N]
+    python scripts/aot_check.py [--cc 90 89 80 100 120] [--only NAME ...] [--json OUT]
+        [--jobs N]
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ from qcompile.kernels.tma import TMA_CAPABILITY, tma_aligned
 from qcompile.kernels.tuning import HOPPER, Tuner
 
 # Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes.
-SHARED_LIMIT = {90: 232_448, 89: 101_376, 80: 166_912}
+SHARED_LIMIT = {90: 232_448, 89: 101_376, 80: 166_912, 100: 232_448, 120: 101_376}
 # The shapes each launcher is collected at, M tokens × K → N: a Flux-sized linear (the
 # tuner's candidates), the small M of batched decode-like calls and classifier-free
 # guidance, and the odd shape of the test suite (no dim a multiple of 16). Launches
@@ -112,6 +116,13 @@ WEIGHT_ONLY = (
     ("nvfp4", 16, False),
 )
 W4A4 = (("int4", 64), ("mxfp4", 32), ("nvfp4", 16))  # smoothed, with the branch
+# The native MMA the block-scaled GEMM must issue, per format and Blackwell target.
+BLOCK_SCALED_REQUIRED = {
+    ("mxfp4", 100): "tcgen05 mxf4",
+    ("nvfp4", 100): "tcgen05 mxf4nvf4",
+    ("mxfp4", 120): "mma mxf4nvf4",
+    ("nvfp4", 120): "mma mxf4nvf4",
+}
 # (group, smoothing and low-rank branch, static activation scale) of the W4A8 linears
 W4A8 = ((64, True, False), (128, False, False), (64, True, True))
 
@@ -172,6 +183,10 @@ class Result:
         wide = self.launch.named_constants().get("BLOCK_M", 0) >= 64
         if self.ok and self.launch.cc == 90 and wanted and wide and wanted not in self.mma:
             found.append(f"no {wanted} on sm_90 (MMA: {self.mma or 'none'})")
+        if self.ok and self.launch.kernel == "_w4a4_scaled_kernel":
+            native = BLOCK_SCALED_REQUIRED[self.launch.case.split()[1], self.launch.cc]
+            if native not in self.mma:
+                found.append(f"no {native} on sm_{self.launch.cc} (MMA: {self.mma or 'none'})")
         return found
 
 
@@ -255,7 +270,26 @@ def launcher_cases(cc: int, shapes: Sequence[str] = tuple(SHAPES)):
     tma = capability(cc) >= TMA_CAPABILITY
     for shape in shapes:
         for dtype in DTYPES:
-            yield from _cases(shape, *SHAPES[shape], dtype, runs, tma)
+            if capability(cc) >= cuda_ops.BLOCK_SCALED_CAPABILITY:
+                yield from _block_scaled_cases(shape, *SHAPES[shape], dtype)
+            else:
+                yield from _cases(shape, *SHAPES[shape], dtype, runs, tma)
+
+
+def _block_scaled_cases(shape: str, M: int, K: int, N: int, dtype: torch.dtype):
+    """What Blackwell launches for MXFP4/NVFP4 W4A4 and no other target does: the
+    activation pass and the block-scaled GEMM (float32 x runs the reference there)."""
+    if dtype is torch.float32:
+        return
+    x = torch.zeros(M, K, dtype=dtype)
+    down, up = torch.zeros(RANK, K, dtype=dtype), torch.zeros(N, RANK, dtype=dtype)
+    for fmt, group in W4A4[1:]:
+        weight, scale, global_scale = weight_operands(fmt, group, N, K)
+        yield f"w4a4 {fmt} {DTYPE_NAMES[dtype]} {shape} g{group} scaled", partial(
+            gemm_w4a4.linear_w4a4,
+            x, weight, scale, global_scale, torch.zeros(N, dtype=dtype), torch.ones(K), down, up,
+            fmt, group, scaled=True,
+        )  # fmt: skip
 
 
 def _cases(shape: str, M: int, K: int, N: int, dtype: torch.dtype, runs, tma: bool):
@@ -332,7 +366,7 @@ def weight_operands(fmt: str, group: int, N: int, K: int):
 
 PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-PTX_MMA = re.compile(r"\b(wgmma\.mma_async\S*|mma\.sync\S*)")
+PTX_MMA = re.compile(r"\b(wgmma\.mma_async\S*|mma\.sync\S*|tcgen05\.mma\S*)")
 
 
 # Results are kept by the key Triton files its own compile under (its version and
@@ -404,8 +438,13 @@ def _compile(launch: Launch, source: ASTSource, target: GPUTarget, options: dict
 
 
 def kind_of(instruction: str) -> str:
-    """'wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3' → 'wgmma e4m3'."""
+    """'wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3' → 'wgmma e4m3';
+    block-scaled ones by their kind: 'tcgen05.mma.cta_group::1.kind::mxf4…' →
+    'tcgen05 mxf4'."""
     parts = instruction.split(".")
+    kind = next((p.removeprefix("kind::") for p in parts if p.startswith("kind::")), None)
+    if kind is not None:
+        return f"{parts[0]} {kind}"
     operand = next((p for p in parts if p in ("e4m3", "e5m2", "s8", "u8", "bf16", "f16", "tf32")),
                    "f32")  # fmt: skip
     return f"{'wgmma' if parts[0] == 'wgmma' else 'mma'} {operand}"
@@ -450,7 +489,7 @@ def print_table(rows: list[dict], version: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cc", type=int, nargs="+", default=[90, 89, 80])
+    parser.add_argument("--cc", type=int, nargs="+", default=[90, 89, 80, 100, 120])
     parser.add_argument("--only", nargs="*", default=[], help="cases whose name has a word")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--json", type=Path, help="write every launch's result here")
