@@ -51,6 +51,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
+
+from qcompile.kernels.gemm_parts import act_splits
 
 REPO = Path(__file__).resolve().parents[1]
 RANK = 32  # the SVDQuant rank (the gate's)
@@ -119,21 +122,21 @@ FLUX_MLP = (4608, 3072, 12288)
 DECODE = (1, 3072, 12288)
 SHAPES = (FLUX_MLP, DECODE)
 FLOORS: dict[str, dict[tuple[int, int, int], float]] = {
-    "fp8 W8A8 dynamic": {FLUX_MLP: 1.26, DECODE: 1.76},
-    "int8 W8A8 dynamic": {FLUX_MLP: 1.26, DECODE: 1.77},
-    "fp8 W8A8 static": {FLUX_MLP: 1.26, DECODE: 1.76},
+    "fp8 W8A8 dynamic": {FLUX_MLP: 1.26, DECODE: 1.79},
+    "int8 W8A8 dynamic": {FLUX_MLP: 1.26, DECODE: 1.79},
+    "fp8 W8A8 static": {FLUX_MLP: 1.26, DECODE: 1.79},
     "int8 weight-only": {FLUX_MLP: 0.84, DECODE: 1.49},
     "fp8 weight-only": {FLUX_MLP: 0.84, DECODE: 1.56},
-    "int4 weight-only g64": {FLUX_MLP: 0.53, DECODE: 0.85},
-    "int4 weight-only g128": {FLUX_MLP: 0.53, DECODE: 0.86},
-    "svdq-w4a16 int4 g64 r32": {FLUX_MLP: 0.53, DECODE: 0.68},
-    "mxfp4 weight-only": {FLUX_MLP: 0.34, DECODE: 0.53},
-    "nvfp4 weight-only": {FLUX_MLP: 0.34, DECODE: 0.53},
-    "svdq-w4a8 int4 g64 r32": {FLUX_MLP: 1.22, DECODE: 1.36},
-    "w4a8 int4 g128": {FLUX_MLP: 1.28, DECODE: 2.07},
-    "svdq-w4a4 int4 g64 r32": {FLUX_MLP: 0.29, DECODE: 0.34},
-    "svdq-w4a4 mxfp4 r32": {FLUX_MLP: 0.12, DECODE: 0.19},
-    "svdq-w4a4 nvfp4 r32": {FLUX_MLP: 0.12, DECODE: 0.19},
+    "int4 weight-only g64": {FLUX_MLP: 0.84, DECODE: 0.85},
+    "int4 weight-only g128": {FLUX_MLP: 0.84, DECODE: 0.86},
+    "svdq-w4a16 int4 g64 r32": {FLUX_MLP: 0.79, DECODE: 0.85},
+    "mxfp4 weight-only": {FLUX_MLP: 0.84, DECODE: 0.53},
+    "nvfp4 weight-only": {FLUX_MLP: 0.84, DECODE: 0.53},
+    "svdq-w4a8 int4 g64 r32": {FLUX_MLP: 1.25, DECODE: 2.28},
+    "w4a8 int4 g128": {FLUX_MLP: 1.29, DECODE: 2.38},
+    "svdq-w4a4 int4 g64 r32": {FLUX_MLP: 0.29, DECODE: 0.66},
+    "svdq-w4a4 mxfp4 r32": {FLUX_MLP: 0.12, DECODE: 0.28},
+    "svdq-w4a4 nvfp4 r32": {FLUX_MLP: 0.12, DECODE: 0.29},
 }
 # What a row's GEMM main loop must keep on sm_90 (MainLoop fields, each at least this).
 LOOP_NEEDS: dict[str, dict[str, int]] = {
@@ -187,6 +190,16 @@ def occupancy(compiled: Compiled, machine: Machine = H100) -> int:
     return max(0, min(by_shared, by_registers, machine.warps_per_sm // warps, machine.ctas_per_sm))
 
 
+def launched(compiled: Compiled, m: int, k: int, machine: Machine = H100) -> bool:
+    """Whether the launcher makes this launch at M × K: the W4A8 activation pass's
+    dynamic scale takes one launch (PASS 0) where K is walked by one range, two (PASS 1
+    and 2) where small M splits it (kernels/gemm_w4a8.py)."""
+    if compiled.kernel != "_act_w4a8_kernel" or not compiled.meta.get("DYNAMIC"):
+        return True
+    splits, _ = act_splits(m, k, SimpleNamespace(meta=compiled.meta), machine.sms)
+    return (compiled.meta["PASS"] == 0) == (splits == 1)
+
+
 def model(
     compiled: Compiled,
     m: int,
@@ -211,9 +224,10 @@ def model(
         group = max(meta.get("G", 1), 1)
         padded_k = math.ceil(k / group) * group
         iterations = math.ceil(padded_k * bm * bn / per_cta)
-    else:  # a row pass: BLOCK_M rows per program, K in BLOCK_K steps
-        tiles = math.ceil(m / meta["BLOCK_M"])
-        iterations = math.ceil(k / meta["BLOCK_K"])
+    else:  # a row pass: BLOCK_M rows and a K range per program, K in BLOCK_K steps
+        splits, k_range = act_splits(m, k, SimpleNamespace(meta=meta), machine.sms)
+        tiles = math.ceil(m / meta["BLOCK_M"]) * splits
+        iterations = math.ceil(k_range / meta["BLOCK_K"])
     tensor = 0.0
     if per_cta:
         rate = dict(machine.macs_per_clock)[loop["mma_bits"]]
@@ -287,12 +301,27 @@ class Prediction:
 
 
 def predict(row: Row, compiled: list[Compiled], m: int, k: int, n: int) -> Prediction:
-    """The row at M × K → N: each kernel at its best config (a perfect tuner), summed."""
+    """The row at M × K → N: each kernel at its best config (a perfect tuner), summed; a
+    config that takes two launches here (the split W4A8 activation pass) costs both."""
     parts = []
+    dequantize = [c for c in compiled if c.kernel == "_dequantize_kernel"]
+    compiled = [c for c in compiled if c.kernel != "_dequantize_kernel"]
     for kernel in dict.fromkeys(c.kernel for c in compiled):
-        options = [model(c, m, k, n, row.act_bits, row.weight_bits)
-                   for c in compiled if c.kernel == kernel]  # fmt: skip
-        parts.append(min(options, key=lambda part: part.seconds))
+        configs: dict[tuple, list[Part]] = {}  # one launch, or a config's two passes
+        for c in compiled:
+            if c.kernel == kernel and launched(c, m, k):
+                same = (c.config, *sorted((key, repr(value)) for key, value in c.meta.items()
+                                          if key != "PASS"))  # fmt: skip
+                configs.setdefault(same, []).append(
+                    model(c, m, k, n, row.act_bits, row.weight_bits)
+                )
+        parts.append(min((_together(launches) for launches in configs.values()),
+                         key=lambda part: part.seconds))  # fmt: skip
+    if dequantize:  # the tuner's other choice: dequantize once, then cuBLAS
+        other = [part for part in parts if part.kernel != "_weight_only_kernel"]
+        other += dequantize_then_gemm(dequantize[0], row, m, k, n)
+        if sum(part.seconds for part in other) < sum(part.seconds for part in parts):
+            parts = other
     compute = sum(part.seconds for part in parts)
     memory = hbm_seconds(row, m, k, n)
     seconds = max(compute, memory)
@@ -301,20 +330,49 @@ def predict(row: Row, compiled: list[Compiled], m: int, k: int, n: int) -> Predi
                       bf16_seconds(m, k, n) / seconds, scaled)  # fmt: skip
 
 
+def dequantize_then_gemm(
+    compiled: Compiled, row: Row, m: int, k: int, n: int, machine: Machine = H100
+) -> list[Part]:
+    """The weight-only linear's large-M path (kernels/gemm_wo.py): the weight
+    dequantized once (HBM: the packed weight read, a 16-bit one written), [x | lora_act]
+    copied when there is a branch, then cuBLAS bf16 at its public mark."""
+    rank = RANK if "r32" in row.name else 0
+    weight_bytes = n * k * row.weight_bits / 8 + n * (k + rank) * 2
+    parts = [Part(compiled.kernel, compiled.config, weight_bytes / machine.hbm_bytes_per_s,
+                  "HBM", 0, {})]  # fmt: skip
+    if rank:
+        copy = m * (k + rank) * 2 * 2 / machine.hbm_bytes_per_s
+        parts.append(Part("torch.cat", "[x | lora_act]", copy, "HBM", 0, {}))
+    parts.append(Part("cuBLAS bf16", "790 TFLOP/s", bf16_seconds(m, k + rank, n), "mark", 0, {}))
+    return parts
+
+
+def _together(launches: list[Part]) -> Part:
+    """One config's launches as one part (their seconds summed)."""
+    if len(launches) == 1:
+        return launches[0]
+    slowest = max(launches, key=lambda part: part.seconds)
+    return Part(slowest.kernel, f"{slowest.config} ×{len(launches)} launches",
+                sum(part.seconds for part in launches), slowest.bound, slowest.ctas_per_sm,
+                slowest.loop)  # fmt: skip
+
+
 def case_names(row: Row) -> set[str]:
-    return {case.format("bf16 flux") for case in row.cases}
+    """The row's gate cases at the Flux shape and at M = 1 (where launches that only
+    small M makes are named: the split W4A8 activation pass)."""
+    return {case.format(f"bf16 {shape}") for case in row.cases for shape in ("flux", "m1")}
 
 
 def compile_rows(rows=ROWS, jobs: int = os.cpu_count() or 1) -> dict[str, list[Compiled]]:
-    """Every sm_90 bf16 launch each row makes at the gate's Flux shape, compiled (or read
-    from the gate's result cache)."""
+    """Every sm_90 bf16 launch each row makes at the gate's Flux shape and M = 1,
+    compiled (or read from the gate's result cache)."""
     sys.path.insert(0, str(REPO / "scripts"))
     import aot_check  # the gate (sets Triton's environment up for compiling: CLI only)
 
     launches = {}
     for row in rows:  # (collect matches words: "… g64" would also take "… g64 lora")
         names = case_names(row)
-        collected = aot_check.collect(90, names, ["flux"])
+        collected = aot_check.collect(90, names, ["flux", "m1"])
         launches[row.name] = [launch for launch in collected if launch.case in names]
     flat = [launch for row_launches in launches.values() for launch in row_launches]
     compile_one = partial(aot_check.compile_launch, cache=aot_check.RESULT_CACHE)

@@ -91,6 +91,23 @@ def grid_2d(m: int, n: int, c: Config) -> tuple[int]:
     return (triton.cdiv(m, c.meta["BLOCK_M"]) * triton.cdiv(n, c.meta["BLOCK_N"]),)
 
 
+# A row pass (activation quantization) fills the GPU with row blocks where M allows;
+# below that it splits K as well, up to this many programs per SM, so an SM has a
+# second program's loads in flight while one waits.
+ACT_PROGRAMS_PER_SM = 2
+
+
+def act_splits(m: int, k: int, c: Config, sms: int) -> tuple[int, int]:
+    """(K ranges, K per range) of a row pass over M × K with config `c` on `sms` SMs:
+    ⌊ACT_PROGRAMS_PER_SM · sms / row blocks⌋ ranges (one when there are more row blocks
+    than SMs; at most one per BLOCK_K step), each a whole number of BLOCK_K steps."""
+    steps = triton.cdiv(k, c.meta["BLOCK_K"])
+    blocks = triton.cdiv(m, c.meta["BLOCK_M"])
+    wanted = max(1, min(steps, ACT_PROGRAMS_PER_SM * sms // blocks))
+    per_range = triton.cdiv(steps, wanted)
+    return triton.cdiv(steps, per_range), per_range * c.meta["BLOCK_K"]
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 operands multiply exactly ("ieee"); 16-bit ones ignore the setting."""
     return "ieee" if dtype is torch.float32 else "tf32"

@@ -5,11 +5,16 @@ Formats and math: ``reference.w4a8`` (two-level weight scales: an integer group 
 g ∈ [1, 16] times a float32 channel scale s, so the widened weight g·q is an exact
 int8 and the K loop never rescales the accumulator). Two kernels per linear:
 
-- ``_act_w4a8_kernel``, the activation pass, one program per BLOCK_M rows: dynamic
-  scales walk K twice (the row's max|x · (1/smooth)| and the low-rank down-projection,
-  then the codes; the second read comes from L2), a static scale once. The launcher
-  divides 1/smooth (and a static 1/scale) once per call: an IEEE division in the kernel
-  is a slow-path call whose saved registers spill.
+- ``_act_w4a8_kernel``, the activation pass, one program per BLOCK_M rows and K range:
+  dynamic scales walk K twice (the row's max|x · (1/smooth)| and the low-rank
+  down-projection, then the codes; the second read comes from L2), a static scale
+  once. Large M fills the GPU with row blocks and one range (all of K); small M splits
+  K as well (`gemm_parts.act_splits`), each range writing its own lora_act partial
+  (summed after), and a dynamic scale then takes two launches: PASS 1 writes each
+  range's max per row, PASS 2 takes the row's max of those (order-free, so the scale
+  is bitwise the one-range one) and writes the codes. The launcher divides 1/smooth (and a static
+  1/scale) once per call: an IEEE division in the kernel is a slow-path call whose
+  saved registers spill.
 - ``_w4a8_kernel``, the GEMM, one packed 64-wide block per K step: the weight tile is
   loaded as int32 words (four packed bytes each) with the block's two group scales, the
   low and the high nibbles of every word become four int8 weights each with three word
@@ -29,10 +34,18 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.kernels.gemm_parts import GROUP_M, dot_precision, finish, grid_2d, tile
+from qcompile.kernels.gemm_parts import (
+    GROUP_M,
+    act_splits,
+    dot_precision,
+    finish,
+    grid_2d,
+    tile,
+)
 from qcompile.kernels.numerics import alloc, cast_rne, mma, ptr, rne, row_stride, rows_view
 from qcompile.kernels.reference.int8 import INT8_MAX
 from qcompile.kernels.reference.w4a8 import PACK_BLOCK
+from qcompile.kernels.tma import program_count
 from qcompile.kernels.tuning import ROWS, Tuner, config, m_bucket, tunes
 
 QMAX = tl.constexpr(INT8_MAX)  # a global a @triton.jit body may read
@@ -45,7 +58,7 @@ _ACT_TUNER = Tuner(
     hopper=[
         config(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=2),
         config(BLOCK_M=8, BLOCK_K=256, num_warps=4, num_stages=2),
-        config(BLOCK_M=32, BLOCK_K=128, num_warps=8, num_stages=2),
+        # (32 × 128, 8 warps: the split pass 1 spills 32 B in fp16 on sm_90, Triton 3.9)
         config(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2),
     ],
 )
@@ -74,20 +87,24 @@ def _act_w4a8_kernel(
     inv_smooth_ptr,  # float32 [K]: 1 / smooth, divided once by the launcher
     scale_ptr,  # dynamic: the output float32 [M]
     inv_scale_ptr,  # static: 1 / the input scale, a float32 scalar
+    amax_ptr,  # PASS 1 and 2: float32 [ranges, M], each range's max|x_s| per row
     lora_down_ptr,
     q_ptr,
-    lora_act_ptr,
+    lora_act_ptr,  # float32 [splits, M, R]: one partial per K range
     # sizes
     M,
     K,
     R,
+    K_RANGE,  # the K each program walks, a multiple of BLOCK_K
     # strides
     stride_xm,
     stride_qm,
     stride_ldr,
     stride_lam,
+    stride_las,
     # meta-parameters
     DYNAMIC: tl.constexpr,
+    PASS: tl.constexpr,  # dynamic: 0 one launch, all of K; split K: 1 max and branch, 2 codes
     HAS_SMOOTH: tl.constexpr,
     HAS_LORA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -99,33 +116,46 @@ def _act_w4a8_kernel(
     row_ok = rows < M
     cols = tl.arange(0, BLOCK_K)
     ranks = tl.arange(0, BLOCK_R)
+    k_start = tl.program_id(1) * K_RANGE
+    k_end = tl.minimum(K, k_start + K_RANGE)
     lora_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    if DYNAMIC:  # first read: the row's max|x_s| and the low-rank branch
+    if DYNAMIC and PASS != 2:  # first read: the row's max|x_s| and the low-rank branch
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             x_s = _smoothed(x_ptr, inv_smooth_ptr, rows, row_ok, k0 + cols, K, stride_xm,
                             HAS_SMOOTH)  # fmt: skip
             amax = tl.maximum(amax, tl.max(tl.abs(x_s), axis=1))
             if HAS_LORA:
                 lora_acc = _down(x_s, lora_down_ptr, lora_acc, k0 + cols, ranks, K, R,
                                  stride_ldr, DOT_PRECISION)  # fmt: skip
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, QMAX), 1.0)
-        tl.store(scale_ptr + rows, scale, mask=row_ok)
-        inv_scale = tl.math.div_rn(1.0, scale)  # one division per row, not per x
+    if DYNAMIC and PASS == 1:  # this range's max; the row's once every range is in
+        tl.store(amax_ptr + tl.program_id(1) * M + rows, amax, mask=row_ok)
     else:
-        inv_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(inv_scale_ptr)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + cols
-        x_s = _smoothed(x_ptr, inv_smooth_ptr, rows, row_ok, k, K, stride_xm, HAS_SMOOTH)
-        if HAS_LORA and not DYNAMIC:
-            lora_acc = _down(x_s, lora_down_ptr, lora_acc, k, ranks, K, R, stride_ldr,
-                             DOT_PRECISION)  # fmt: skip
-        v = x_s * inv_scale[:, None]
-        q = rne(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(tl.int8)
-        tl.store(q_ptr + rows[:, None] * stride_qm + k[None, :], q,
-                 mask=row_ok[:, None] & (k[None, :] < K))  # fmt: skip
-    if HAS_LORA:
-        tl.store(lora_act_ptr + rows[:, None] * stride_lam + ranks[None, :], lora_acc,
+        if DYNAMIC:
+            if PASS == 2:  # the row's max over the ranges' (order-free: bitwise one walk's)
+                amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for r in range(0, tl.num_programs(1)):
+                    amax = tl.maximum(amax, tl.load(amax_ptr + r * M + rows, mask=row_ok,
+                                                    other=0.0))  # fmt: skip
+            scale = tl.where(amax > 0, tl.math.div_rn(amax, QMAX), 1.0)
+            if tl.program_id(1) == 0:
+                tl.store(scale_ptr + rows, scale, mask=row_ok)
+            inv_scale = tl.math.div_rn(1.0, scale)  # one division per row, not per x
+        else:
+            inv_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(inv_scale_ptr)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            k = k0 + cols
+            x_s = _smoothed(x_ptr, inv_smooth_ptr, rows, row_ok, k, K, stride_xm, HAS_SMOOTH)
+            if HAS_LORA and not DYNAMIC:
+                lora_acc = _down(x_s, lora_down_ptr, lora_acc, k, ranks, K, R, stride_ldr,
+                                 DOT_PRECISION)  # fmt: skip
+            v = x_s * inv_scale[:, None]
+            q = rne(tl.minimum(tl.maximum(v, -QMAX), QMAX)).to(tl.int8)
+            tl.store(q_ptr + rows[:, None] * stride_qm + k[None, :], q,
+                     mask=row_ok[:, None] & (k[None, :] < K))  # fmt: skip
+    if HAS_LORA and PASS != 2:
+        tl.store(lora_act_ptr + tl.program_id(1) * stride_las + rows[:, None] * stride_lam
+                 + ranks[None, :], lora_acc,
                  mask=row_ok[:, None] & (ranks[None, :] < R))  # fmt: skip
 
 
@@ -249,19 +279,28 @@ def quantize_act_w4a8(
     # saved registers spill
     inv_smooth = None if smooth is None else 1.0 / smooth.to(torch.float32)
     rank = 0 if lora_down is None else lora_down.shape[0]
-    lora_act = None
     if lora_down is not None:
         lora_down = lora_down if lora_down.stride(-1) == 1 else lora_down.contiguous()
-        lora_act = alloc((m, rank), torch.float32, x.device)
+    partials = None
 
     def launch(c):
-        _act_w4a8_kernel[(triton.cdiv(m, c.meta["BLOCK_M"]),)](
-            x2, ptr(inv_smooth, x2), scale, inv_scale, ptr(lora_down, x2), q, ptr(lora_act, x2),
-            m, k, rank, x2.stride(0), q.stride(0), row_stride(lora_down), row_stride(lora_act),
-            DYNAMIC=dynamic, HAS_SMOOTH=smooth is not None, HAS_LORA=lora_down is not None,
-            DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=max(16, triton.next_power_of_2(rank)),
-            **c.kwargs(),
-        )  # fmt: skip
+        nonlocal partials
+        splits, k_range = act_splits(m, k, c, program_count(x.device))
+        if lora_down is not None:
+            partials = alloc((splits, m, rank), torch.float32, x.device)
+        passes = (1, 2) if dynamic and splits > 1 else (0,)
+        amax = alloc((splits, m), torch.float32, x.device) if passes != (0,) else None
+        for pass_ in passes:
+            _act_w4a8_kernel[(triton.cdiv(m, c.meta["BLOCK_M"]), splits)](
+                x2, ptr(inv_smooth, x2), scale, inv_scale, ptr(amax, x2), ptr(lora_down, x2), q,
+                ptr(partials, x2),
+                m, k, rank, k_range,
+                x2.stride(0), q.stride(0), row_stride(lora_down), row_stride(partials, 1),
+                row_stride(partials),
+                DYNAMIC=dynamic, PASS=pass_, HAS_SMOOTH=smooth is not None,
+                HAS_LORA=lora_down is not None, DOT_PRECISION=dot_precision(x.dtype),
+                BLOCK_R=max(16, triton.next_power_of_2(rank)), **c.kwargs(),
+            )  # fmt: skip
 
     if m:
         if x.dtype is torch.float32:
@@ -269,6 +308,12 @@ def quantize_act_w4a8(
         else:
             key = (m_bucket(m), k, dynamic, rank, x.dtype)
             launch(_ACT_TUNER.pick(key, x.device, launch, tune=tunes(x.dtype, k)))
+    lora_act = None
+    if lora_down is not None:
+        if partials is None:  # m == 0
+            lora_act = alloc((m, rank), torch.float32, x.device)
+        else:
+            lora_act = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
     return q, scale, lora_act
 
 

@@ -173,8 +173,8 @@ def ptr(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
     return fallback if t is None else t
 
 
-def row_stride(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.stride(0)
+def row_stride(t: torch.Tensor | None, dim: int = 0) -> int:
+    return 0 if t is None else t.stride(dim)
 
 
 # Tests set this to fill every kernel output with garbage before launch, so an element a

@@ -4,6 +4,11 @@ down-projection, fused into one read of x.
 Notation: x [..., K] viewed as [M, K]; G the group (INT4: the recipe's, MXFP4 32, NVFP4
 16); Kp = K rounded up to G; R the rank; smooth float32 [K]; lora_down [R, K].
 
+Grid: BLOCK_M rows × a K range per program. Large M fills the GPU with row blocks
+alone (one range, all of K); small M splits K as well (`gemm_parts.act_splits`) so
+M = 1 runs on dozens of SMs, not one: codes and scales are per group, so ranges are
+independent, and each range writes its own lora_act partial, summed after the launch.
+
 For each BLOCK_M × BLOCK_K tile of x (BLOCK_K a multiple of G):
     x_s       = x / smooth                                   (when smoothing)
     lora_act += x_s (in lora_down's dtype) · lora_downᵀ      (float32 [M, R])
@@ -13,7 +18,7 @@ small pre-pass kernel (`_amax_kernel`) reads x once more. W4A16 linears run this
 with no format, for the low-rank branch alone.
 
 Reference: ``reference.w4.quantize_act_4bit``; codes and scales match bit for bit,
-lora_act to float32 summation order.
+lora_act to float32 summation order (K ranges: partial sums added in range order).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.kernels.gemm_parts import act_splits
 from qcompile.kernels.numerics import (
     alloc,
     cast_rne,
@@ -39,6 +45,7 @@ from qcompile.kernels.numerics import (
     rows_view,
 )
 from qcompile.kernels.reference import fp4
+from qcompile.kernels.tma import program_count
 from qcompile.kernels.tuning import ROWS, Tuner, config, m_bucket, tunes
 
 FORMAT_ID = {None: 0, "int4": 1, "mxfp4": 2, "nvfp4": 3}
@@ -108,18 +115,20 @@ def _act_4bit_kernel(
     lora_down_ptr,
     q_ptr,
     scale_ptr,
-    lora_act_ptr,
+    lora_act_ptr,  # float32 [splits, M, R]: one partial per K range
     # sizes
     M,
     K,
     Kp,
     R,
+    K_RANGE,  # the K each program walks, a multiple of BLOCK_K
     # strides
     stride_xm,
     stride_qm,
     stride_sm,
     stride_ldr,
     stride_lam,
+    stride_las,
     # meta-parameters
     FMT: tl.constexpr,  # 0 none, 1 int4, 2 mxfp4, 3 nvfp4
     G: tl.constexpr,
@@ -138,8 +147,9 @@ def _act_4bit_kernel(
     lora_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if FMT == 3:
         global_scale = tl.load(global_ptr)
-    k_end = Kp if FMT != 0 else K
-    for k0 in range(0, k_end, BLOCK_K):
+    k_start = tl.program_id(1) * K_RANGE
+    k_end = tl.minimum(Kp if FMT != 0 else K, k_start + K_RANGE)
+    for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + cols
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + k[None, :],
@@ -190,7 +200,10 @@ def _act_4bit_kernel(
             )
     if HAS_LORA:
         tl.store(
-            lora_act_ptr + rows[:, None] * stride_lam + ranks[None, :],
+            lora_act_ptr
+            + tl.program_id(1) * stride_las
+            + rows[:, None] * stride_lam
+            + ranks[None, :],
             lora_acc,
             mask=row_ok[:, None] & (ranks[None, :] < R),
         )
@@ -237,19 +250,25 @@ def quantize_act_4bit(
     rank = 0 if lora_down is None else lora_down.shape[0]
     if lora_down is not None:
         lora_down = lora_down if lora_down.stride(-1) == 1 else lora_down.contiguous()
-        lora_act = alloc((m, rank), torch.float32, device)
     if m == 0 or (fmt is None and lora_down is None):
+        if lora_down is not None:
+            lora_act = alloc((m, rank), torch.float32, device)
         return Act4(packed, scale, global_scale, lora_act)
     precision = "ieee" if lora_down is not None and lora_down.dtype is torch.float32 else "tf32"
+    k_walk = kp if fmt is not None else k
+    partials = None
 
     def launch(c):
-        grid = (triton.cdiv(m, c.meta["BLOCK_M"]),)
-        _act_4bit_kernel[grid](
+        nonlocal partials
+        splits, k_range = act_splits(m, k_walk, c, program_count(device))
+        if lora_down is not None:
+            partials = alloc((splits, m, rank), torch.float32, device)
+        _act_4bit_kernel[(triton.cdiv(m, c.meta["BLOCK_M"]), splits)](
             x2, ptr(smooth, x2), ptr(global_scale, x2), ptr(lora_down, x2), ptr(packed, x2),
-            ptr(scale, x2), ptr(lora_act, x2),
-            m, k, kp, rank,
+            ptr(scale, x2), ptr(partials, x2),
+            m, k, kp, rank, k_range,
             x2.stride(0), row_stride(packed), row_stride(scale), row_stride(lora_down),
-            row_stride(lora_act),
+            row_stride(partials, 1), row_stride(partials),
             FMT=FORMAT_ID[fmt], G=g, HAS_SMOOTH=smooth is not None,
             HAS_LORA=lora_down is not None, DOT_PRECISION=precision,
             BLOCK_R=max(16, triton.next_power_of_2(rank)), **c.kwargs(),
@@ -264,4 +283,6 @@ def quantize_act_4bit(
     else:
         chosen = _TUNER.pick(key, device, launch, valid, tune=tunes(x2.dtype, k))
     launch(chosen.at_least(BLOCK_K=g))  # a group wider than the default's BLOCK_K
+    if partials is not None:
+        lora_act = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
     return Act4(packed, scale, global_scale, lora_act)

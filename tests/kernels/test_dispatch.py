@@ -50,3 +50,14 @@ def test_m_buckets_and_config_floors():
     assert c.at_least(BLOCK_K=128).meta == {"BLOCK_K": 128, "BLOCK_M": 16}
     assert c.at_least(BLOCK_K=32) == c
     assert c.kwargs() == {"BLOCK_K": 64, "BLOCK_M": 16, "num_warps": 8, "num_stages": 3}
+
+
+def test_row_passes_split_k_only_where_row_blocks_leave_the_gpu_idle():
+    from qcompile.kernels.gemm_parts import act_splits
+
+    c = tuning.config(BLOCK_M=32, BLOCK_K=64)
+    assert act_splits(4608, 3072, c, 132) == (1, 3072)  # 144 row blocks fill 132 SMs
+    assert act_splits(1, 3072, c, 132) == (48, 64)  # one row block: every 64-wide step
+    assert act_splits(256, 3072, c, 132) == (24, 128)  # 8 row blocks × 24 ranges
+    ranges, k_range = act_splits(1, 200, c, 132)  # a ragged K: the ranges cover it
+    assert ranges * k_range >= 200 > (ranges - 1) * k_range

@@ -23,7 +23,9 @@ FORMATS = [("int4", 64), ("int4", 128), ("mxfp4", 32), ("nvfp4", 16), (None, 64)
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("fmt", "group"), FORMATS)
 def test_matches_reference(device, fmt, group, x_dtype):
-    # 2 × 19 rows, K = 200: neither a multiple of the blocks nor of the group (zero pad)
+    # 2 × 19 rows, K = 200: neither a multiple of the blocks nor of the group (zero pad);
+    # bf16's 16-row blocks leave the interpreter's 3 "SMs" idle, so K splits in two
+    # ranges (gemm_parts.act_splits) and lora_act is two partials summed
     x = (torch.randn(2, 19, 200) * 3).to(x_dtype)
     x[0, 0, :70] = 0  # all-zero groups take scale 1 (INT4) / exponent -127 (MXFP4)
     x[1, 3, 5] = 300.0  # an outlier that saturates NVFP4's e4m3 block scale
