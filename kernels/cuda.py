@@ -41,21 +41,20 @@ def _has_fp8(index: int) -> bool:
     return ok
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _fp8_ok(device: torch.device) -> bool:
-    return _has_fp8(device.index if device.index is not None else torch.cuda.current_device())
+    return _has_fp8(_index(device))
 
 
-@cache
-def _has_block_scaled(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= BLOCK_SCALED_CAPABILITY
+_capability = cache(torch.cuda.get_device_capability)
 
 
 def block_scaled(device: torch.device) -> bool:
     """Whether `device` has the FP4 block-scaled MMA (Blackwell: sm_100, sm_120)."""
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _has_block_scaled(index)
+    return device.type == "cuda" and _capability(_index(device)) >= BLOCK_SCALED_CAPABILITY
 
 
 @ops.linear_int8_wo.register_kernel("cuda")

@@ -108,6 +108,12 @@ def act_splits(m: int, k: int, c: Config, sms: int) -> tuple[int, int]:
     return triton.cdiv(steps, per_range), per_range * c.meta["BLOCK_K"]
 
 
+def sum_ranges(partials: torch.Tensor) -> torch.Tensor:
+    """A split row pass's lora_act: its float32 [ranges, M, R] partials summed in range
+    order (one range: the partial itself, no extra launch)."""
+    return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 operands multiply exactly ("ieee"); 16-bit ones ignore the setting."""
     return "ieee" if dtype is torch.float32 else "tf32"

@@ -19,9 +19,8 @@ int8 and the K loop never rescales the accumulator). Two kernels per linear:
   loaded as int32 words (four packed bytes each) with the block's two group scales, the
   low and the high nibbles of every word become four int8 weights each with three word
   operations (`_widen`), and the [BLOCK_N, 64] int8 tile is multiplied with the int8
-  activation tile (wgmma on sm_90, mma.sync on sm_80/89). The epilogue applies the
-  activation and channel scales, adds lora_act · lora_upᵀ and the bias, and writes y
-  once (`gemm_parts.finish`).
+  activation tile (wgmma on sm_90, mma.sync on sm_80/89). The epilogue (`finish`)
+  applies both scales, adds lora_act · lora_upᵀ and the bias, and writes y once.
 
 Reference: ``reference.w4a8.linear_w4a8``: codes and scales of the activation pass bit
 for bit, the GEMM bit for bit without the branch (its integer sums are exact), to the
@@ -40,6 +39,7 @@ from qcompile.kernels.gemm_parts import (
     dot_precision,
     finish,
     grid_2d,
+    sum_ranges,
     tile,
 )
 from qcompile.kernels.numerics import alloc, cast_rne, mma, ptr, rne, row_stride, rows_view
@@ -313,7 +313,7 @@ def quantize_act_w4a8(
         if partials is None:  # m == 0
             lora_act = alloc((m, rank), torch.float32, x.device)
         else:
-            lora_act = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
+            lora_act = sum_ranges(partials)
     return q, scale, lora_act
 
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.kernels.gemm_parts import act_splits
+from qcompile.kernels.gemm_parts import act_splits, sum_ranges
 from qcompile.kernels.numerics import (
     alloc,
     cast_rne,
@@ -284,5 +284,5 @@ def quantize_act_4bit(
         chosen = _TUNER.pick(key, device, launch, valid, tune=tunes(x2.dtype, k))
     launch(chosen.at_least(BLOCK_K=g))  # a group wider than the default's BLOCK_K
     if partials is not None:
-        lora_act = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
+        lora_act = sum_ranges(partials)
     return Act4(packed, scale, global_scale, lora_act)
